@@ -1,0 +1,49 @@
+"""Stable Diffusion 1.5's UNet shape (859,520,964 parameters with neighbors off), for conversion and scale.
+
+Latent space (4 channels at 64x64 for 512 px images) with CLIP ViT-L/14 text (768 wide, 77 tokens).
+A diffusers-format UNet (safetensors) converts into this model; the VAE is a later step.
+
+  suti info --config configs/sd15.py
+  suti info --config configs/sd15.py --config.model.num_neighbors=3   # the apprentice on top of it
+"""
+import ml_collections as mlc
+
+from configs import toy
+
+
+def get_config() -> mlc.ConfigDict:
+  c = toy.get_config()
+  m = c.model
+  m.image_size = 64
+  m.in_channels = 4
+  m.out_channels = 4
+  m.block_out_channels = (320, 640, 1280, 1280)
+  m.layers_per_block = 2
+  m.down_block_types = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  m.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  m.num_attention_heads = 8
+  m.cross_attention_dim = 768
+  m.norm_num_groups = 32
+  m.use_linear_projection = False
+  m.text_in_time_embedding = False
+  m.neighbor_token_resolutions = (8,)
+  m.neighbor_attn_resolutions = (8, 16)
+
+  c.text.kind = "clip"
+  c.text.checkpoint = ""  # e.g. /models/stable-diffusion-v1-5/text_encoder (local folder)
+  c.text.max_length = 77
+  c.text.width = 768
+  c.text.trainable = False
+
+  c.diffusion.schedule = "linear"
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.012
+  c.sample.dynamic_threshold = 0.0  # latent model: no pixel thresholding
+  c.sample.text_scale = 7.5
+
+  c.train.batch_size = 256
+  c.train.lr = 1e-5
+  c.train.ema_decay = 0.9999
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

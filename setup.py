@@ -1,0 +1,44 @@
+"""SuTI-JAX: subject-driven in-context image generation (apprenticeship learning) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+# Pinned to the stack that resolves on CPU-only machines. torch / torchvision are pinned on purpose:
+# any newer torch pulls several GB of CUDA wheels. See suti/torch_compat.py for why torchvision
+# 0.28.0 needs a small shim on CPU-only torch.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "transformers>=5.0,<6",
+    "tokenizers",
+    "datasets>=5.0,<6",
+    "webdataset==1.0.2",
+    "open_clip_torch==3.3.0",
+    "timm",
+    "tensorflow-datasets==4.9.10",
+    "ml_collections",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "tqdm",
+    "pyarrow",
+    "torch==2.13.0",
+    "torchvision==0.28.0",
+]
+
+EXTRAS = {
+    "ray": ["ray[data]"],
+    "dev": ["pytest", "pytest-xdist", "diffusers", "tensorboard"],
+}
+
+setup(
+    name="suti-jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["suti", "suti.*", "data_pipeline", "data_pipeline.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["suti=suti.cli:main"]},
+)
