@@ -1,0 +1,22 @@
+"""Toy SuTI apprentice at 16x16: the toy base UNet plus neighbor encoding and neighbor attention.
+
+Each of up to 3 demos goes through the base UNet's own down blocks and mid block at t=0; its 4x4 mid-block map
+becomes 16 tokens; neighbor attention (zero-initialized) sits in the mid block and the 4x4 up block.
+
+  suti info --config configs/toy_suti.py
+  suti train --config configs/toy_suti.py --workdir /tmp/toy_suti --config.data.shards='/tmp/pipe/icl/*.tar'
+"""
+import ml_collections as mlc
+
+from configs import toy
+
+
+def get_config() -> mlc.ConfigDict:
+  c = toy.get_config()
+  c.model.num_neighbors = 3
+  c.model.neighbor_timestep = 0
+  c.model.neighbor_token_resolutions = (4,)
+  c.model.neighbor_attn_resolutions = (4,)
+  c.diffusion.p_drop_neighbors = 0.1
+  c.sample.neighbor_scale = 2.0
+  return c
