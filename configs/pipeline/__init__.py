@@ -1,0 +1,1 @@
+"""Pipeline configs: one file per data setup (`suti data run --config configs/pipeline/<name>.py`)."""

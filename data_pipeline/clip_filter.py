@@ -1,0 +1,173 @@
+"""CLIP filter: keep a page cluster only when its images show one subject.
+
+Per cluster, on L2-normalised open_clip image embeddings (batched over the whole shard):
+  1. near duplicates: an image whose cosine to an earlier kept image is >= near_dup_threshold goes;
+  2. outliers: repeatedly remove the image whose mean cosine to the others is lowest while it is below
+     outlier_threshold (at least 3 images left to compare);
+  3. the cluster goes when outliers were more than max_outlier_fraction of it (a gallery, not a
+     subject), when fewer than cluster.min_size images are left, or when the mean pairwise cosine of
+     the rest is below cluster_threshold.
+Thresholds belong to one CLIP model: `suti data calibrate` prints the distributions to set them from.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_pipeline import cluster_shards
+from data_pipeline.stages import Stage, StageContext, Task
+from data_pipeline.stats import TaskResult
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+  near_dup_threshold: float
+  outlier_threshold: float
+  cluster_threshold: float
+  max_outlier_fraction: float
+  min_size: int
+
+
+@dataclass
+class FilterDecision:
+  """Which images of a cluster survive, why the others went, and the statistics meta.json records."""
+  keep: list[int]
+  dropped: collections.Counter = field(default_factory=collections.Counter)
+  cluster_kept: bool = False
+  stats: dict = field(default_factory=dict)
+
+
+def _mean_pairwise(sim: np.ndarray) -> float:
+  n = sim.shape[0]
+  if n < 2:
+    return 1.0
+  return float((sim.sum() - np.trace(sim)) / (n * (n - 1)))
+
+
+def filter_cluster(embeddings: np.ndarray, cfg: FilterConfig) -> FilterDecision:
+  """Applies near-dup removal, outlier removal and the coherence test to one cluster's embeddings."""
+  sim = embeddings @ embeddings.T
+  decision = FilterDecision(keep=[])
+  for i in range(sim.shape[0]):
+    if decision.keep and sim[i, decision.keep].max() >= cfg.near_dup_threshold:
+      decision.dropped["near_duplicate"] += 1
+    else:
+      decision.keep.append(i)
+  after_dedup = len(decision.keep)
+  keep = list(decision.keep)
+  outliers = 0
+  while len(keep) >= 3:
+    sub = sim[np.ix_(keep, keep)]
+    mean_to_others = (sub.sum(axis=1) - np.diag(sub)) / (len(keep) - 1)
+    worst = int(np.argmin(mean_to_others))
+    if mean_to_others[worst] >= cfg.outlier_threshold:
+      break
+    keep.pop(worst)
+    outliers += 1
+  coherence = _mean_pairwise(sim[np.ix_(keep, keep)])
+  decision.stats = {
+      "mean_pairwise_cosine": round(coherence, 4),
+      "min_pairwise_cosine": round(float(sim[np.ix_(keep, keep)].min()), 4) if keep else None,
+      "mean_pairwise_cosine_before": round(_mean_pairwise(sim), 4),
+      "near_duplicates_removed": sim.shape[0] - after_dedup,
+      "outliers_removed": outliers,
+  }
+  if outliers:
+    decision.dropped["outlier"] += outliers
+  if outliers > cfg.max_outlier_fraction * after_dedup:
+    reason = "incoherent_cluster"
+  elif len(keep) < cfg.min_size:
+    reason = "too_small_after_filter"
+  elif coherence < cfg.cluster_threshold:
+    reason = "incoherent_cluster"
+  else:
+    reason = None
+  if reason is not None:
+    decision.dropped[reason] += len(keep)
+    decision.keep = []
+  else:
+    decision.keep = keep
+    decision.cluster_kept = True
+  return decision
+
+
+def load_clip_resource(ctx: StageContext):
+  """The configured open_clip model, loaded once per worker."""
+  from data_pipeline import toy_clip
+
+  def load():
+    model, _, _ = toy_clip.load_clip(ctx.config.clip.model_name, ctx.config.clip.checkpoint)
+    return model
+  return ctx.resource("clip_model", load)
+
+
+def embed_images(model, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+  """L2-normalised embeddings of images of any sizes (same-size images are encoded together)."""
+  from data_pipeline import toy_clip
+  by_shape: dict[tuple, list[int]] = collections.defaultdict(list)
+  for i, img in enumerate(images):
+    by_shape[img.shape].append(i)
+  out = None
+  for indices in by_shape.values():
+    emb = toy_clip.encode_images(model, np.stack([images[i] for i in indices]), batch_size)
+    if out is None:
+      out = np.zeros((len(images), emb.shape[1]), np.float32)
+    out[indices] = emb
+  return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def filter_config(config) -> FilterConfig:
+  c = config.clip
+  return FilterConfig(float(c.near_dup_threshold), float(c.outlier_threshold), float(c.cluster_threshold),
+                      float(c.max_outlier_fraction), int(config.cluster.min_size))
+
+
+def run(ctx: StageContext, task: Task) -> TaskResult:
+  result = TaskResult()
+  counts = result.stage("clip_filter")
+  in_path = os.path.join(task.input_path, cluster_shards.shard_name(task.index))
+  if not os.path.isfile(in_path):
+    return result
+  records = list(cluster_shards.read_cluster_shard(in_path))
+  images = [img for r in records for img in r.images()]
+  counts.in_ = len(images)
+  if not images:
+    return result
+  embeddings = embed_images(load_clip_resource(ctx), images, ctx.config.clip.batch_size)
+  cfg = filter_config(ctx.config)
+  kept_records, start = [], 0
+  for record in records:
+    n = len(record.images_png)
+    decision = filter_cluster(embeddings[start:start + n], cfg)
+    start += n
+    counts.dropped.update(decision.dropped)
+    if not decision.cluster_kept:
+      continue
+    k = decision.keep
+    counts.out += len(k)
+    meta = dict(record.meta)
+    if "image_urls" in meta:
+      meta["image_urls"] = [meta["image_urls"][i] for i in k]
+    meta["clip"] = {**decision.stats, "model": ctx.config.clip.model_name,
+                    "per_image_mean_cosine": [round(float(x), 4) for x in _per_image_mean(embeddings[start - n:start][k])]}
+    kept_records.append(cluster_shards.ClusterRecord(
+        record.cluster_id, record.page_url, [record.images_png[i] for i in k], [record.captions[i] for i in k],
+        [record.source_keys[i] for i in k], meta))
+  result.counters["clusters_after_clip"] += len(kept_records)
+  if kept_records:
+    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)),
+                                       kept_records)
+  return result
+
+
+def _per_image_mean(emb: np.ndarray) -> np.ndarray:
+  sim = emb @ emb.T
+  n = sim.shape[0]
+  return (sim.sum(axis=1) - np.diag(sim)) / max(n - 1, 1)
+
+
+STAGE = Stage("clip_filter", "clusters", "clusters", "work/clip_filter", ("clip_filter",), run,
+              description="CLIP near-dup and outlier removal, keep coherent clusters")

@@ -1,0 +1,120 @@
+"""The clusters format (DESIGN.md): webdataset tars, one sample per cluster, key = cluster id.
+
+  <cid>.img_0.png ... <cid>.img_{n-1}.png   images (source resolution)
+  <cid>.img_i.txt                            captions
+  <cid>.prompts.json                         [{"prompt": ..., "skill": ...}, ...] (after the captions stage)
+  <cid>.meta.json                            cluster_id, page_url, source_keys (image order), clip stats, ...
+
+The pipeline's intermediate cluster stages use the same format (without prompts.json), so each stage
+reads what the previous one wrote, and images are passed on as the PNG bytes they arrived as.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline import shard_io
+
+_MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json)$")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """PNG bytes of a uint8 HxWx3 image; the same pixels always give the same bytes."""
+  buf = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=6)
+  return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass
+class ClusterRecord:
+  """One cluster: its images (PNG bytes), their captions, new prompts and metadata."""
+  cluster_id: str
+  page_url: str
+  images_png: list[bytes]
+  captions: list[str]
+  source_keys: list[str]
+  meta: dict = field(default_factory=dict)  # everything else meta.json holds (clip stats, urls, ...)
+  prompts: list[dict] | None = None
+
+  def __post_init__(self):
+    n = len(self.images_png)
+    if not (len(self.captions) == len(self.source_keys) == n):
+      raise ValueError(f"cluster {self.cluster_id}: {n} images, {len(self.captions)} captions, "
+                       f"{len(self.source_keys)} source keys")
+    if not self.cluster_id or "." in self.cluster_id or "/" in self.cluster_id:
+      raise ValueError(f"bad cluster id {self.cluster_id!r}")
+
+  def images(self) -> list[np.ndarray]:
+    return [decode_png(b) for b in self.images_png]
+
+  def meta_json(self) -> dict:
+    return {**self.meta, "cluster_id": self.cluster_id, "page_url": self.page_url,
+            "source_keys": list(self.source_keys), "num_images": len(self.images_png)}
+
+  def members(self) -> list[tuple[str, bytes]]:
+    cid = self.cluster_id
+    out = []
+    for i, (png, caption) in enumerate(zip(self.images_png, self.captions)):
+      out.append((f"{cid}.img_{i}.png", png))
+      out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
+    if self.prompts is not None:
+      out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
+    out.append((f"{cid}.meta.json", json.dumps(self.meta_json(), sort_keys=True).encode("utf-8")))
+    return out
+
+
+def write_cluster_shard(path: str, records: Iterable[ClusterRecord]) -> int:
+  """Writes records (in the given order) to one tar atomically; returns how many."""
+  members, count = [], 0
+  for record in records:
+    members.extend(record.members())
+    count += 1
+  shard_io.write_tar(path, members)
+  return count
+
+
+def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> ClusterRecord:
+  if "meta.json" not in parts:
+    raise ValueError(f"{path}: cluster {key} has no meta.json")
+  meta = json.loads(parts["meta.json"])
+  n = int(meta["num_images"])
+  try:
+    images = [parts[f"img_{i}.png"] for i in range(n)]
+    captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
+  except KeyError as e:
+    raise ValueError(f"{path}: cluster {key} lacks {e.args[0]}") from None
+  prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
+  extra = {k: v for k, v in meta.items() if k not in ("cluster_id", "page_url", "source_keys", "num_images")}
+  return ClusterRecord(meta["cluster_id"], meta["page_url"], images, captions, list(meta["source_keys"]),
+                       extra, prompts)
+
+
+def read_cluster_shard(path: str) -> Iterator[ClusterRecord]:
+  """Reads the clusters of one shard in file order."""
+  key, parts = None, {}
+  for name, data in shard_io.read_tar(path):
+    match = _MEMBER.match(name)
+    if match is None:
+      raise ValueError(f"{path}: unexpected member {name!r}")
+    if match["key"] != key:
+      if key is not None:
+        yield _record_from_members(key, parts, path)
+      key, parts = match["key"], {}
+    parts[match["ext"]] = data
+  if key is not None:
+    yield _record_from_members(key, parts, path)
+
+
+def shard_name(index: int) -> str:
+  return f"clusters-{index:06d}.tar"
