@@ -1,0 +1,362 @@
+"""Readers for raw web image-text pairs: webdataset tars, parquet files, Hugging Face datasets.
+
+Every reader yields `RawSample`s and never fails on bad data: a bad sample is counted in the
+caller's `drops` Counter under a reason and skipped, so that for every shard
+
+    samples in = samples yielded + sum(drops)
+
+holds exactly (`read_shard_counts` returns both numbers). Tar files are read as streams and never
+extracted to disk; member names are validated, and links, devices and names that could escape a
+folder are counted as "unsafe_member".
+
+Drop reasons: zero_byte, undecodable_image, truncated_image, decompression_bomb (from
+safe_image), truncated_tar, unreadable_shard, unsafe_member, oversized_member, bad_json,
+non_utf8_text, missing_field:<image|url>.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import zlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from data_pipeline.safe_image import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg", "img")
+CAPTION_COLUMNS = ("caption", "text", "TEXT", "txt")
+URL_COLUMNS = ("url", "URL")
+ROW_BATCH = 256  # parquet / arrow rows read at a time: bounded memory on big files
+
+
+@dataclasses.dataclass
+class RawSample:
+  """One web image-text pair."""
+  key: str
+  image: np.ndarray  # uint8 H x W x 3 RGB
+  caption: str
+  url: str
+  page_url: str | None
+  meta: dict  # the sample's json (tar) or its other columns (parquet / datasets)
+  source: str  # the shard it came from
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard listing.
+
+def _is_datasets_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+      os.path.join(path, "dataset_dict.json"))
+
+
+def _datasets_arrow_files(folder: str) -> list[str]:
+  """The arrow files of a `save_to_disk` folder (a Dataset, or every split of a DatasetDict)."""
+  if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+    with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
+      splits = json.load(f).get("splits", [])
+    return [p for s in splits for p in _datasets_arrow_files(os.path.join(folder, s))]
+  with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+    state = json.load(f)
+  return [os.path.join(folder, d["filename"]) for d in state.get("_data_files", [])]
+
+
+def _is_shard_file(path: str) -> bool:
+  return os.path.isfile(path) and path.endswith(TAR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
+
+
+def list_shards(spec: str) -> list[str]:
+  """Shard paths for a folder, a glob, a single file, or a Hugging Face `save_to_disk` folder
+  (one shard per arrow file), sorted. Raises ValueError when nothing matches."""
+  if os.path.isdir(spec):
+    if _is_datasets_folder(spec):
+      found = _datasets_arrow_files(spec)
+    else:
+      found = [os.path.join(spec, n) for n in os.listdir(spec)]
+      found = [p for p in found if _is_shard_file(p)] + [
+          a for p in found if os.path.isdir(p) and _is_datasets_folder(p)
+          for a in _datasets_arrow_files(p)]
+  elif os.path.isfile(spec):
+    found = [spec] if _is_shard_file(spec) else []
+  else:
+    found = [p for p in glob.glob(spec) if _is_shard_file(p)]
+  if not found:
+    raise ValueError(f"no input shards match {spec!r} (expected .tar, .parquet files or a "
+                     "Hugging Face datasets folder)")
+  return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tar members.
+
+def safe_member_name(name: str) -> bool:
+  """True for a relative name that stays inside the folder it would be extracted to."""
+  if not name or len(name) > 1024 or "\\" in name or any(ord(ch) < 32 for ch in name):
+    return False
+  if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+    return False
+  parts = name.split("/")
+  return all(p not in ("", ".", "..") for p in parts)
+
+
+def _deterministic_info(name: str, size: int) -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.size = size
+  info.mtime = 0
+  info.mode = 0o644
+  info.uid = info.gid = 0
+  info.uname = info.gname = ""
+  return info
+
+
+def write_tar_atomic(path: str, members: list[tuple[str, bytes]]) -> None:
+  """Write a tar of (name, bytes) members: same members -> same bytes. Written under a temporary
+  name then renamed, so a reader never sees a partial file. Refuses unsafe member names."""
+  for name, data in members:
+    if not safe_member_name(name):
+      raise ValueError(f"unsafe tar member name {name!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+      raise ValueError(f"tar member {name!r} must be bytes, got {type(data).__name__}")
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+          tar.addfile(_deterministic_info(name, len(data)), io.BytesIO(bytes(data)))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+  """webdataset's rule: key = folder + basename up to its first dot; the rest is the field."""
+  folder, base = os.path.split(name)
+  if "." not in base:
+    return name, ""
+  stem, ext = base.split(".", 1)
+  return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Turning fields into a sample.
+
+def _first(row: dict, names: tuple[str, ...]) -> Any:
+  for n in names:
+    if row.get(n) is not None:
+      return row[n]
+  return None
+
+
+def _image_bytes(value: Any) -> bytes | None:
+  if isinstance(value, dict):  # Hugging Face Image feature storage: {"bytes", "path"}
+    value = value.get("bytes")
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    return bytes(value)
+  return None
+
+
+def _make_sample(key: str, image_data: bytes | None, caption: Any, meta: dict, source: str,
+                 drops: collections.Counter, max_pixels: int) -> RawSample | None:
+  """Validate and decode one sample; count the reason and return None when it is bad."""
+  if image_data is None:
+    drops["missing_field:image"] += 1
+    return None
+  url = meta.get("url", meta.get("URL"))
+  if not isinstance(url, str) or not url:
+    drops["missing_field:url"] += 1
+    return None
+  if isinstance(caption, (bytes, bytearray)):
+    try:
+      caption = bytes(caption).decode("utf-8")
+    except UnicodeDecodeError:
+      drops["non_utf8_text"] += 1
+      return None
+  if caption is None:
+    caption = meta.get("caption", "")
+  if not isinstance(caption, str):
+    caption = str(caption)
+  try:
+    image = decode_image(image_data, max_pixels=max_pixels)
+  except ImageRejected as e:
+    drops[e.reason] += 1
+    return None
+  page_url = meta.get("page_url")
+  if not isinstance(page_url, str) or not page_url.strip():
+    page_url = None
+  return RawSample(key=key, image=image, caption=caption.strip(), url=url, page_url=page_url,
+                   meta=meta, source=source)
+
+
+def _sample_from_tar_fields(key: str, fields: dict[str, bytes], source: str,
+                            drops: collections.Counter, max_pixels: int) -> RawSample | None:
+  meta: dict = {}
+  if "json" in fields:
+    try:
+      meta = json.loads(fields["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+      drops["bad_json"] += 1
+      return None
+    if not isinstance(meta, dict):
+      drops["bad_json"] += 1
+      return None
+  image_data = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
+  caption = fields.get("txt", fields.get("caption"))
+  return _make_sample(key, image_data, caption, meta, source, drops, max_pixels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers.
+
+def _has_end_marker(path: str, offset: int) -> bool:
+  """tarfile treats a file that stops at a header boundary as a normal end; a complete tar has a
+  zero block there."""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return f.read(512) == bytes(512)
+
+
+def _iter_tar(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
+  key: str | None = None
+  fields: dict[str, bytes] = {}
+
+  def flush() -> RawSample | None:
+    return _sample_from_tar_fields(key, fields, path, drops, max_pixels)
+
+  try:
+    tar = tarfile.open(path, mode="r|*")
+  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    del e
+    drops["unreadable_shard"] += 1
+    return
+  truncated = True  # until the reader reaches the end-of-archive block
+  end_offset = 0
+  try:
+    with tar:
+      for member in tar:
+        if member.isdir():
+          continue  # folders are not samples
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        if not member.isfile() or not safe_member_name(name):
+          drops["unsafe_member"] += 1
+          continue
+        if member.size > MAX_MEMBER_BYTES:
+          drops["oversized_member"] += 1
+          continue
+        member_key, ext = _split_member(name)
+        if member_key != key:
+          if key is not None:
+            sample = flush()
+            if sample is not None:
+              yield sample
+          key, fields = member_key, {}
+        data = tar.extractfile(member).read()
+        fields.setdefault(ext, data)  # a repeated field keeps its first value
+      end_offset = tar.offset
+    if not path.endswith(".tar") or _has_end_marker(path, end_offset):
+      truncated = False
+  except (tarfile.TarError, OSError, EOFError, zlib.error):
+    # Truncated or corrupt from here on. The members read in full are kept: the sample in
+    # progress is judged on them (it may lack a field), and the lost rest counts as one drop.
+    pass
+  if truncated:
+    drops["truncated_tar"] += 1
+  if key is not None and fields:
+    sample = flush()
+    if sample is not None:
+      yield sample
+
+
+def _iter_rows(batches: Iterator[Any], path: str, drops: collections.Counter,
+               max_pixels: int) -> Iterator[RawSample]:
+  """Rows of parquet / arrow record batches -> samples."""
+  stem = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(path).split(".")[0])
+  index = 0
+  for batch in batches:
+    for row in batch.to_pylist():
+      index += 1
+      image_column = next((c for c in IMAGE_COLUMNS if c in row), None)
+      image_data = _image_bytes(row.get(image_column)) if image_column else None
+      meta = {k: v for k, v in row.items() if k != image_column and not isinstance(
+          v, (bytes, bytearray))}
+      caption = _first(row, CAPTION_COLUMNS)
+      url = _first(row, URL_COLUMNS)
+      if url is not None:
+        meta["url"] = url
+      key = row.get("key")
+      key = str(key) if key not in (None, "") else f"{stem}_{index - 1:09d}"
+      sample = _make_sample(key, image_data, "" if caption is None else caption, meta, path,
+                            drops, max_pixels)
+      if sample is not None:
+        yield sample
+
+
+def _iter_parquet(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
+  import pyarrow.parquet as pq
+  try:
+    batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_BATCH)
+    yield from _iter_rows(batches, path, drops, max_pixels)
+  except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+    del e
+    drops["unreadable_shard"] += 1
+
+
+def _iter_arrow(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
+  import datasets  # read through `datasets`, as load_from_disk does, one arrow file per shard
+  try:
+    ds = datasets.Dataset.from_file(path).with_format("arrow")
+    batches = (t for t in ds.iter(batch_size=ROW_BATCH))
+    yield from _iter_rows(batches, path, drops, max_pixels)
+  except (OSError, ValueError) as e:
+    del e
+    drops["unreadable_shard"] += 1
+
+
+def iter_shard(path: str, drops: collections.Counter,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[RawSample]:
+  """The good samples of one shard; bad ones are counted in `drops` by reason and skipped."""
+  if path.endswith(TAR_SUFFIXES):
+    yield from _iter_tar(path, drops, max_pixels)
+  elif path.endswith(PARQUET_SUFFIXES):
+    yield from _iter_parquet(path, drops, max_pixels)
+  elif path.endswith(ARROW_SUFFIXES):
+    yield from _iter_arrow(path, drops, max_pixels)
+  elif os.path.isdir(path) and _is_datasets_folder(path):
+    for arrow in _datasets_arrow_files(path):
+      yield from _iter_arrow(arrow, drops, max_pixels)
+  else:
+    raise ValueError(f"not a shard: {path!r} (expected .tar, .parquet, .arrow or a datasets folder)")
+
+
+@dataclasses.dataclass
+class ShardCounts:
+  """What reading one shard gave: in == yielded + sum(dropped.values())."""
+  yielded: int
+  dropped: collections.Counter
+
+  @property
+  def total_in(self) -> int:
+    return self.yielded + sum(self.dropped.values())
+
+
+def read_shard(path: str, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> tuple[list[RawSample], ShardCounts]:
+  """All good samples of a shard plus its counts (for small shards and tests)."""
+  drops: collections.Counter = collections.Counter()
+  samples = list(iter_shard(path, drops, max_pixels))
+  return samples, ShardCounts(yielded=len(samples), dropped=drops)
