@@ -94,14 +94,25 @@ def filter_cluster(embeddings: np.ndarray, cfg: FilterConfig) -> FilterDecision:
   return decision
 
 
+def resolve_checkpoint(path: str) -> str:
+  """A relative checkpoint path is tried from the working folder, then from the repository root (where
+  the shipped checkpoints/ live), so commands work from anywhere."""
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return os.path.abspath(path) if path else path
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidate = os.path.join(repo_root, path)
+  return candidate if os.path.exists(candidate) else path
+
+
+def load_clip(config):
+  """(model, preprocess, tokenizer) of the configured open_clip model."""
+  from data_pipeline import toy_clip
+  return toy_clip.load_clip(config.clip.model_name, resolve_checkpoint(config.clip.checkpoint))
+
+
 def load_clip_resource(ctx: StageContext):
   """The configured open_clip model, loaded once per worker."""
-  from data_pipeline import toy_clip
-
-  def load():
-    model, _, _ = toy_clip.load_clip(ctx.config.clip.model_name, ctx.config.clip.checkpoint)
-    return model
-  return ctx.resource("clip_model", load)
+  return ctx.resource("clip_model", lambda: load_clip(ctx.config)[0])
 
 
 def embed_images(model, images: list[np.ndarray], batch_size: int) -> np.ndarray:

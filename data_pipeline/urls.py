@@ -21,6 +21,7 @@ TRACKING_PREFIXES = ("utm_",)
 # RFC 3986 unreserved characters: percent-encoding them changes nothing, so decode them.
 _UNRESERVED = "-._~"
 _PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?!\d)")  # "mailto:x", not "host:8080/x"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ def normalize_url(url: str, unify_scheme: bool = True) -> str:
   if text.startswith("//"):
     text = "http:" + text
   elif "://" not in text:
+    if _OTHER_SCHEME.match(text):
+      raise ValueError(f"not an http(s) URL: {url!r}")
     text = "http://" + text  # "example.com/page": crawls sometimes drop the scheme
   try:
     parts = urlsplit(text)

@@ -1,0 +1,106 @@
+"""`suti data ...`: toyweb, train-clip, run, calibrate (also `python -m data_pipeline.cli ...`).
+
+  suti data toyweb --out DIR --pages N --seed S [--image-size 32]
+  suti data train-clip --out checkpoints/toy_clip --steps N
+  suti data run --config configs/pipeline/toy.py --input DIR --output DIR [--runner local|ray]
+                [--workers N] [--config.key=value ...]
+  suti data calibrate --config configs/pipeline/toy.py --input DIR [--max-samples N]
+
+User errors raise ValueError (one line, exit status 2 through suti.cli.run_user_command).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+from suti import config as config_lib
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", required=True, help="pipeline config file (configs/pipeline/*.py)")
+  parser.add_argument("--input", required=True, help="input shards: a folder, a glob, or one file")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The parser; the toy web / toy CLIP arguments (and their imports of torch) only for their command."""
+  parser = argparse.ArgumentParser(prog="suti data", description="web data pipeline")
+  sub = parser.add_subparsers(dest="command", required=True)
+  toyweb_parser = sub.add_parser("toyweb", help="write a synthetic toy web crawl (webdataset shards)")
+  clip_parser = sub.add_parser("train-clip", help="train the toy open_clip model")
+  if command == "toyweb":
+    from data_pipeline import toyweb
+    toyweb.add_arguments(toyweb_parser)
+  elif command == "train-clip":
+    from data_pipeline import toy_clip
+    toy_clip.add_arguments(clip_parser)
+  run_parser = sub.add_parser("run", help="run (or resume) the pipeline stages; writes stats.json",
+                              epilog="config overrides: --config.key=value (e.g. --config.clip.batch_size=64)")
+  _add_config_args(run_parser)
+  run_parser.add_argument("--output", required=True, help="output folder (resumed when it exists)")
+  run_parser.add_argument("--runner", choices=("local", "ray"), default="local")
+  run_parser.add_argument("--workers", type=int, default=None, help="worker processes / Ray actors")
+  run_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  cal_parser = sub.add_parser("calibrate", help="print CLIP similarity distributions to set thresholds")
+  _add_config_args(cal_parser)
+  cal_parser.add_argument("--max-samples", type=int, default=None)
+  return parser
+
+
+def _layout(args) -> "object":
+  from data_pipeline import sources, stages
+  shards = tuple(os.path.abspath(p) for p in sources.list_shards(args.input))
+  return stages.RunLayout(shards, os.path.abspath(args.output))
+
+
+def cmd_run(args, overrides) -> int:
+  from data_pipeline import stages
+  config = config_lib.load_config(args.config, overrides)
+  layout = _layout(args)
+  start = time.perf_counter()
+  if args.runner == "ray":
+    from data_pipeline.runner_ray import run_ray as runner
+  else:
+    from data_pipeline.runner_local import run_local as runner
+  stats = runner(config, layout, stages.default_registry(), workers=args.workers, progress=not args.no_progress)
+  from data_pipeline.stats import format_summary
+  print(format_summary(stats))
+  counters = stats["counters"]
+  read = stats["stages"].get("read", {"in": 0})
+  last = list(stats["stages"].values())[-1]
+  print(f"pipeline ({args.runner}): {read['in']} raw samples -> {counters.get('clusters_out', 0)} clusters "
+        f"({last['out']} images) in {time.perf_counter() - start:.1f}s; "
+        f"page_url fallback {counters.get('page_url_fallback', 0)}; stats in {layout.stats_path}")
+  return 0
+
+
+def cmd_calibrate(args, overrides) -> int:
+  from data_pipeline import calibrate
+  config = config_lib.load_config(args.config, overrides)
+  cal = calibrate.calibrate(config, args.input, args.max_samples)
+  print(calibrate.report(cal, config))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides, rest = config_lib.split_overrides(argv)
+  args = build_parser(rest[0] if rest else None).parse_args(rest)
+  if overrides and args.command not in ("run", "calibrate"):
+    raise ValueError(f"--config.* overrides apply to 'run' and 'calibrate', not {args.command!r}")
+  if args.command == "toyweb":
+    from data_pipeline import toyweb
+    return int(toyweb.run(args) or 0)
+  if args.command == "train-clip":
+    from data_pipeline import toy_clip
+    return int(toy_clip.run(args) or 0)
+  if args.command == "run":
+    return cmd_run(args, overrides)
+  return cmd_calibrate(args, overrides)
+
+
+if __name__ == "__main__":
+  from suti.cli import run_user_command
+  sys.exit(run_user_command(main, sys.argv[1:], "suti data"))
