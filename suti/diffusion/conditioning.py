@@ -14,7 +14,8 @@ def drop_conditioning(rng: jax.Array, batch_size: int, p_text: float, p_neighbor
   only (p_neighbors), drop both (p_both), or keep both (the rest).
   """
   probs = (p_text, p_neighbors, p_both)
-  if any(p < 0 for p in probs) or sum(probs) > 1.0 + 1e-9:
+  static = all(isinstance(p, (int, float)) for p in probs)  # traced probabilities are not checked
+  if static and (any(p < 0 for p in probs) or sum(probs) > 1.0 + 1e-9):
     raise ValueError(f"dropout probabilities must be >= 0 and sum to <= 1, got {probs}")
   u = jax.random.uniform(rng, (batch_size,))
   drop_text_only = u < p_text
