@@ -33,7 +33,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
   """The n descending, distinct timesteps a sampler visits (see the module docstring)."""
-  if not 1 <= steps <= num_timesteps:
+  if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
     raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
   if spacing == "trailing":
     ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)) - 1
