@@ -35,7 +35,7 @@ def get_config() -> mlc.ConfigDict:
   c.text.width = 768
   c.text.trainable = False
 
-  c.diffusion.schedule = "linear"
+  c.diffusion.schedule = "scaled_linear"  # SD: linear in sqrt(beta)
   c.diffusion.beta_start = 0.00085
   c.diffusion.beta_end = 0.012
   c.sample.dynamic_threshold = 0.0  # latent model: no pixel thresholding

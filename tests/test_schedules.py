@@ -97,8 +97,8 @@ def test_make_schedule_from_configs():
   from suti.config import load_config
   toy_cfg = load_config(os.path.join(ROOT, "configs", "toy.py")).diffusion
   assert np.array_equal(S.make_schedule(toy_cfg).alphas_cumprod, S.cosine_schedule(1000).alphas_cumprod)
-  lin = S.make_schedule(load_config(os.path.join(ROOT, "configs", "sd15.py")).diffusion)
-  assert np.array_equal(lin.betas, S.linear_schedule(1000, 0.00085, 0.012).betas)
+  sd = S.make_schedule(load_config(os.path.join(ROOT, "configs", "sd15.py")).diffusion)
+  assert np.array_equal(sd.betas, S.linear_schedule(1000, 0.00085, 0.012, scaled=True).betas)
   scaled = S.make_schedule({"schedule": "scaled_linear", "num_timesteps": 10, "beta_start": 0.00085,
                             "beta_end": 0.012})
   assert np.array_equal(scaled.betas, S.linear_schedule(10, 0.00085, 0.012, scaled=True).betas)
