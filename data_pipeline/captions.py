@@ -146,25 +146,31 @@ class TransformersBackend:
     generic = self.fallback.captions(images, alt_texts, noun)
     return [t if t else g for t, g in zip(texts, generic)]
 
-  def _generate(self, instruction: str) -> str:
+  def _generate(self, instructions: list[str]) -> list[str]:
+    """Greedy completions of all instructions in one left-padded batch; first line of each."""
     tok = self.lm_tokenizer
-    encoded = tok(instruction + "\nPrompt:", return_tensors="pt")
+    tok.padding_side = "left"  # a causal LM continues from the right end
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if tok.pad_token_id is None:
+      tok.pad_token = tok.eos_token
+    encoded = tok([i + "\nPrompt:" for i in instructions], return_tensors="pt", padding=True)
     with self.torch.no_grad():
       ids = self.lm.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
-    new = tok.decode(ids[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    lines = [line.strip() for line in new.strip().splitlines() if line.strip()]
-    return " ".join(lines[0].split()) if lines else ""
+    out = []
+    for row in ids[:, encoded["input_ids"].shape[1]:]:
+      lines = [line.strip() for line in tok.decode(row, skip_special_tokens=True).strip().splitlines()]
+      lines = [line for line in lines if line]
+      out.append(" ".join(lines[0].split()) if lines else "")
+    return out
 
   def prompts(self, cluster_id: str, subject: str) -> list[dict]:
     if self.lm is None:
       return self.fallback.prompts(cluster_id, subject)
     templated = self.fallback.prompts(cluster_id, subject)
+    texts = self._generate([prompt_templates.LM_INSTRUCTIONS[s].format(s=subject) for s in prompt_templates.SKILLS])
     out = []
-    for skill in prompt_templates.SKILLS:
-      instruction = prompt_templates.LM_INSTRUCTIONS[skill].format(s=subject)
-      text = self._generate(instruction)
-      if not text:  # nothing usable: keep the template prompt for this skill
+    for skill, text in zip(prompt_templates.SKILLS, texts):
+      if not text:  # nothing usable: keep the template prompts for this skill
         out.extend(p for p in templated if p["skill"] == skill)
         continue
       if subject not in text:  # a prompt must name the subject, or the target cannot show it

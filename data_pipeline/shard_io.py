@@ -7,7 +7,6 @@ duplicates output because output names are fixed by the task, not by the order t
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -40,25 +39,10 @@ def check_member_name(name: str) -> None:
     raise ValueError(f"unsafe tar member name {name!r}")
 
 
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-  """A tar archive of (name, bytes) members with fixed metadata: same members -> same bytes."""
-  buf = io.BytesIO()
-  with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-    for name, data in members:
-      check_member_name(name)
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      info.mtime = 0
-      info.mode = 0o644
-      info.uid = info.gid = 0
-      info.uname = info.gname = ""
-      tar.addfile(info, io.BytesIO(data))
-  return buf.getvalue()
-
-
 def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> None:
-  """Writes a deterministic tar atomically (temporary name, then rename)."""
-  atomic_write_bytes(path, tar_bytes(members))
+  """A deterministic tar (same members -> same bytes), written atomically; refuses unsafe names."""
+  from data_pipeline.sources import write_tar_atomic  # one writer for the whole data pipeline
+  write_tar_atomic(path, list(members))
 
 
 def read_tar(path: str) -> Iterator[tuple[str, bytes]]:
