@@ -1,0 +1,341 @@
+"""The toy CLIP: a tiny open_clip model trained on toy-world pairs, loaded like any open_clip model.
+
+The architecture is an open_clip model config ("toy-ViT-32": a ViT on 32x32 images with 8x8
+patches and a small text transformer over open_clip's own BPE vocabulary, which ships with the
+package) registered with `open_clip.add_model_config`. The weights load through
+`open_clip.create_model_and_transforms(name, pretrained=<local file>)`, exactly as a full-scale
+run loads ViT-L/14 from a local file: `load_clip("ViT-L-14", "/models/vit_l14.safetensors")` and
+`load_clip("toy-ViT-32", "checkpoints/toy_clip")` take the same path.
+
+Training (`python -m data_pipeline.toy_clip --out checkpoints/toy_clip --steps N`, also
+`suti data train-clip`): image / caption pairs rendered from train-split subjects, open_clip's
+ClipLoss, AdamW, torch on CPU. Evaluation uses held-out subjects only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from data_pipeline import toy_world as tw
+
+TOY_MODEL_NAME = "toy-ViT-32"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip_configs")
+CHECKPOINT_FILE = "open_clip_model.safetensors"
+
+
+def register_toy_configs() -> None:
+  """Make the toy model names known to open_clip (idempotent)."""
+  import open_clip
+  if TOY_MODEL_NAME not in open_clip.list_models():
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def _resolve_checkpoint(checkpoint_path: str) -> str:
+  path = checkpoint_path
+  if os.path.isdir(path):
+    path = os.path.join(path, CHECKPOINT_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"CLIP checkpoint not found: {checkpoint_path!r} (expected a file, or a folder "
+                     f"holding {CHECKPOINT_FILE})")
+  return path
+
+
+def load_clip(model_name: str, checkpoint_path: str | None) -> tuple[Any, Callable, Callable]:
+  """(model in eval mode, inference preprocess, tokenizer) through open_clip's own loader.
+
+  `checkpoint_path` is a local weights file (or a folder holding open_clip_model.safetensors);
+  None gives random weights (tests only). Nothing is downloaded.
+  """
+  import open_clip
+  register_toy_configs()
+  if model_name.replace("/", "-") not in open_clip.list_models():
+    raise ValueError(f"unknown open_clip model {model_name!r}")
+  pretrained = _resolve_checkpoint(checkpoint_path) if checkpoint_path else None
+  model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+  model.eval()
+  return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _preprocess_cfg(model) -> dict:
+  cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+  size = cfg.get("size", model.visual.image_size)
+  size = size if isinstance(size, int) else int(size[0])
+  return {"size": size, "mean": cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+          "std": cfg.get("std", (0.26862954, 0.26130258, 0.27577711))}
+
+
+def images_to_tensor(model, images: np.ndarray):
+  """uint8 [N, H, W, 3] -> the normalised float tensor the model expects, done in torch on the
+  batch: resize the shortest side (bicubic, antialiased) and centre-crop, as open_clip's
+  inference transform does, without a PIL round trip per image."""
+  import torch
+  import torch.nn.functional as F
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+  cfg = _preprocess_cfg(model)
+  x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+  size, (h, w) = cfg["size"], images.shape[1:3]
+  if (h, w) != (size, size):
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, :, top:top + size, left:left + size].clamp(0, 1)
+  mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+  std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+  return (x - mean) / std
+
+
+def encode_images(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+  """L2-normalised image embeddings [N, D] (float32) of uint8 [N, H, W, 3] images."""
+  import torch
+  images = np.asarray(images)
+  if len(images) == 0:
+    return np.zeros((0, model.visual.output_dim), np.float32)
+  out = []
+  with torch.inference_mode():
+    for start in range(0, len(images), batch_size):
+      x = images_to_tensor(model, images[start:start + batch_size])
+      out.append(model.encode_image(x, normalize=True).float().numpy())
+  return np.concatenate(out, 0)
+
+
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str],
+                 batch_size: int = 256) -> np.ndarray:
+  """L2-normalised text embeddings [N, D] (float32)."""
+  import torch
+  texts = list(texts)
+  if not texts:
+    return np.zeros((0, model.text_projection.shape[1] if hasattr(model, "text_projection")
+                     else model.visual.output_dim), np.float32)
+  out = []
+  with torch.inference_mode():
+    for start in range(0, len(texts), batch_size):
+      tokens = tokenizer(texts[start:start + batch_size])
+      out.append(model.encode_text(tokens, normalize=True).float().numpy())
+  return np.concatenate(out, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data: toy pairs rendered on the fly.
+
+@dataclasses.dataclass
+class ToyPairs:
+  """A pool of rendered images with their subjects and contexts; captions are drawn per batch."""
+  images: np.ndarray  # uint8 [N, 32, 32, 3]
+  subjects: list[tw.Subject]
+  contexts: list[tw.Context]
+
+
+def render_pairs(subjects: Sequence[tw.Subject], n: int, seed: int,
+                 sizes: Sequence[int] = (16, 32), out_size: int = 32) -> ToyPairs:
+  """`n` renders of random subjects from `subjects` in random contexts (all styles and
+  accessories), at random sizes, brought to `out_size` (nearest-neighbour up, mean-pool down)."""
+  rng = np.random.default_rng(seed)
+  images = np.zeros((n, out_size, out_size, 3), np.uint8)
+  chosen, contexts = [], []
+  for i in range(n):
+    subject = subjects[int(rng.integers(len(subjects)))]
+    context = tw.sample_context(rng, style_p=0.3, accessory_p=0.3)
+    size = int(rng.choice(sizes))
+    img = tw.render(subject, context, size)
+    if size < out_size:
+      img = np.repeat(np.repeat(img, out_size // size, 0), out_size // size, 1)
+    elif size > out_size:
+      f = size // out_size
+      img = img.reshape(out_size, f, out_size, f, 3).mean((1, 3)).round().astype(np.uint8)
+    images[i] = img
+    chosen.append(subject)
+    contexts.append(context)
+  return ToyPairs(images, chosen, contexts)
+
+
+def caption_for(subject: tw.Subject, context: tw.Context, rng: np.random.Generator) -> str:
+  """Mostly a full description; sometimes a class-only prompt, so prompts score sensibly too."""
+  if rng.random() < 0.25:
+    return tw.prompt_for(subject.cls, context)
+  return tw.describe(subject, context, rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on held-out subjects.
+
+def evaluate(model, tokenizer, seed: int = 1, num_queries: int = 400, num_candidates: int = 10
+             ) -> dict[str, float]:
+  """Held-out figures (subjects never seen in training):
+  - image_to_text_top1: the true caption ranks first among `num_candidates` captions of other
+    held-out pairs (chance 1 / num_candidates);
+  - identity_text_top1: the true caption ranks first among captions of `num_candidates` different
+    subjects in the *same* context (identity from the image alone);
+  - identity_image_top1: another image of the same subject, in another context, ranks first
+    among it and `num_candidates - 1` images of other subjects (what clustering and CLIP-I need);
+  - same_subject_cosine / different_subject_cosine: mean image-image cosine.
+  """
+  rng = np.random.default_rng(seed)
+  heldout = tw.subjects_of_split("heldout")
+  m = num_candidates
+  queries = [heldout[int(i)] for i in rng.integers(len(heldout), size=num_queries)]
+  contexts = [tw.sample_context(rng) for _ in queries]
+  images = np.stack([tw.render(s, c, 32) for s, c in zip(queries, contexts)])
+  captions = [tw.describe(s, c) for s, c in zip(queries, contexts)]
+  img = encode_images(model, images)
+  txt = encode_texts(model, tokenizer, captions)
+
+  hits = 0
+  for q in range(num_queries):  # random distractor captions
+    others = rng.choice(np.delete(np.arange(num_queries), q), m - 1, replace=False)
+    scores = txt[np.concatenate([[q], others])] @ img[q]
+    hits += int(np.argmax(scores) == 0)
+  image_to_text = hits / num_queries
+
+  cand_captions = []
+  for s, c, caption in zip(queries, contexts, captions):  # same context, other subjects
+    distractors: list[tw.Subject] = []
+    while len(distractors) < m - 1:
+      d = heldout[int(rng.integers(len(heldout)))]
+      if d != s and d not in distractors:
+        distractors.append(d)
+    cand_captions += [caption] + [tw.describe(d, c) for d in distractors]
+  cand = encode_texts(model, tokenizer, cand_captions).reshape(num_queries, m, -1)
+  identity_text = float(np.mean(np.argmax(np.einsum("qmd,qd->qm", cand, img), 1) == 0))
+
+  # A second view of each query subject in a new context, and other subjects as distractors.
+  second_ctx = [tw.sample_context(rng) for _ in queries]
+  second = encode_images(model, np.stack([tw.render(s, c, 32) for s, c in zip(queries, second_ctx)]))
+  hits, same, diff = 0, [], []
+  for q in range(num_queries):
+    others = [o for o in rng.permutation(num_queries) if queries[o] != queries[q]][:m - 1]
+    scores = np.concatenate([[second[q] @ img[q]], second[others] @ img[q]])
+    hits += int(np.argmax(scores) == 0)
+    same.append(scores[0])
+    diff.extend(scores[1:])
+  return {"image_to_text_top1": image_to_text, "identity_text_top1": identity_text,
+          "identity_image_top1": hits / num_queries, "num_candidates": m,
+          "chance": 1.0 / m, "same_subject_cosine": float(np.mean(same)),
+          "different_subject_cosine": float(np.mean(diff)), "num_queries": num_queries}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+          pool_size: int = 12000, threads: int = 2, progress: bool = True,
+          model_name: str = TOY_MODEL_NAME) -> dict:
+  """Train the toy CLIP and save it under `out_dir`; returns the training summary + held-out eval."""
+  import open_clip
+  import torch
+  from safetensors.torch import save_file
+  if steps < 1 or batch_size < 2:
+    raise ValueError("steps must be >= 1 and batch size >= 2")
+  torch.set_num_threads(threads)
+  torch.manual_seed(seed)
+  register_toy_configs()
+  model, _, _ = open_clip.create_model_and_transforms(model_name)
+  tokenizer = open_clip.get_tokenizer(model_name)
+  model.train()
+
+  t0 = time.time()
+  pool = render_pairs(tw.subjects_of_split("train"), pool_size, seed)
+  pool_x = images_to_tensor(model, pool.images)
+  render_s = time.time() - t0
+
+  loss_fn = open_clip.loss.ClipLoss()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+  warmup = max(1, steps // 20)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+      1 + np.cos(np.pi * min(1.0, s / steps))))
+  rng = np.random.default_rng(seed + 1)
+  bar = range(steps)
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(bar, desc="toy CLIP", unit="step")
+  losses = []
+  t1 = time.time()
+  for step in bar:
+    idx = rng.choice(pool_size, batch_size, replace=False)
+    x = pool_x[idx]
+    if rng.random() < 0.5:  # a flip keeps identity and context; cheap augmentation
+      x = x.flip(-1)
+    texts = [caption_for(pool.subjects[i], pool.contexts[i], rng) for i in idx]
+    image_f, text_f, scale = model(x, tokenizer(texts))
+    loss = loss_fn(image_f, text_f, scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+      model.logit_scale.clamp_(0, np.log(100))
+    losses.append(loss.item())
+    if progress and step % 20 == 0:
+      bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+  train_s = time.time() - t1
+
+  model.eval()
+  metrics = evaluate(model, tokenizer)
+  os.makedirs(out_dir, exist_ok=True)
+  # float16 on disk keeps the file small; open_clip's loader casts back to the model's float32.
+  state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+  save_file(state, os.path.join(out_dir, CHECKPOINT_FILE))
+  with open(os.path.join(CONFIG_DIR, f"{model_name}.json"), encoding="utf-8") as f:
+    model_cfg = json.load(f)
+  pp = _preprocess_cfg(model)
+  with open(os.path.join(out_dir, "open_clip_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": {
+        "size": pp["size"], "mean": list(pp["mean"]), "std": list(pp["std"]),
+        "interpolation": "bicubic", "resize_mode": "shortest"}}, f, indent=2)
+  summary = {"model_name": model_name, "steps": steps, "batch_size": batch_size, "lr": lr,
+             "seed": seed, "pool_size": pool_size, "threads": threads,
+             "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1),
+             "final_loss": float(np.mean(losses[-50:])),
+             "parameters": int(sum(p.numel() for p in model.parameters())),
+             "checkpoint_bytes": os.path.getsize(os.path.join(out_dir, CHECKPOINT_FILE)),
+             "heldout_eval": metrics}
+  with open(os.path.join(out_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out", default="checkpoints/toy_clip", help="output folder")
+  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--lr", type=float, default=2e-3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--pool-size", type=int, default=12000, help="rendered training images")
+  parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+  s = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.pool_size,
+            args.threads)
+  e = s["heldout_eval"]
+  print(f"toy CLIP: {s['steps']} steps in {s['train_seconds']:.0f} s, loss {s['final_loss']:.3f}; "
+        f"held-out top-1 of {e['num_candidates']} (chance {e['chance']:.2f}): image->text "
+        f"{e['image_to_text_top1']:.3f}, identity by text {e['identity_text_top1']:.3f}, "
+        f"identity by image {e['identity_image_top1']:.3f}; cosine same subject "
+        f"{e['same_subject_cosine']:.3f} vs different {e['different_subject_cosine']:.3f} -> {args.out}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description="Train the toy CLIP on toy-world pairs.")
+  add_arguments(parser)
+  try:
+    return run(parser.parse_args(argv))
+  except ValueError as e:
+    parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
