@@ -31,8 +31,9 @@ def _run_in_worker(job: tuple[stages_lib.Stage, stages_lib.Task]) -> str:
 
 def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
               registry: stages_lib.StageRegistry | None = None, workers: int | None = None,
-              progress: bool = True) -> dict:
-  """Runs (or resumes) the configured stages; returns the stats.json object."""
+              progress: bool = True, timings: dict | None = None) -> dict:
+  """Runs (or resumes) the configured stages; returns the stats.json object. `timings`, when given, receives
+  each stage's wall time in seconds (kept out of stats.json, which must not depend on the machine)."""
   registry = registry or stages_lib.default_registry()
   workers = config.runner.workers if workers is None else workers
   stages_lib.prepare_output(config, layout)
@@ -42,6 +43,7 @@ def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
   try:
     for stage, tasks in planned:
       pending = stages_lib.pending_tasks(layout, stage, tasks)
+      stage_start = time.perf_counter()
       with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=stage.name, unit="task",
                 disable=not progress, leave=True) as bar:
         if workers <= 1 or len(pending) <= 1:
@@ -53,6 +55,8 @@ def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
             pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config, layout))
           for _ in pool.imap_unordered(_run_in_worker, [(stage, t) for t in pending]):
             bar.update(1)
+      if timings is not None:
+        timings[stage.name] = time.perf_counter() - stage_start
   finally:
     if pool is not None:
       pool.close()
@@ -62,7 +66,3 @@ def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
   return stats
 
 
-def timed_run_local(*args, **kwargs) -> tuple[dict, float]:
-  start = time.perf_counter()
-  stats = run_local(*args, **kwargs)
-  return stats, time.perf_counter() - start

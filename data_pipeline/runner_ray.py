@@ -7,6 +7,8 @@ cluster, where every node must see the input and output folders (a shared file s
 """
 from __future__ import annotations
 
+import time
+
 import ml_collections as mlc
 from tqdm import tqdm
 
@@ -41,8 +43,8 @@ def init_ray(config: mlc.ConfigDict) -> bool:
 
 def run_ray(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
             registry: stages_lib.StageRegistry | None = None, workers: int | None = None,
-            progress: bool = True) -> dict:
-  """Runs (or resumes) the configured stages on Ray; returns the stats.json object."""
+            progress: bool = True, timings: dict | None = None) -> dict:
+  """Runs (or resumes) the configured stages on Ray; returns the stats.json object (`timings` as run_local)."""
   import ray
   from ray.util import ActorPool
   registry = registry or stages_lib.default_registry()
@@ -57,10 +59,13 @@ def run_ray(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
     pool = ActorPool(actors)
     for stage, tasks in planned:
       pending = stages_lib.pending_tasks(layout, stage, tasks)
+      stage_start = time.perf_counter()
       with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=f"{stage.name} (ray)", unit="task",
                 disable=not progress) as bar:
         for _ in pool.map_unordered(lambda actor, task, s=stage: actor.run.remote(s, task), pending):
           bar.update(1)
+      if timings is not None:
+        timings[stage.name] = time.perf_counter() - stage_start
   finally:
     for actor in actors:
       ray.kill(actor)
