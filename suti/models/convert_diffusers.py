@@ -1,0 +1,184 @@
+"""Load a diffusers UNet2DConditionModel checkpoint (PyTorch layout, safetensors) into our UNet.
+
+Keys map one to one (our parameter paths follow diffusers' module names) except three renames:
+`to_out.0` -> `to_out`, `ff.net.0.proj` -> `ff.proj_in`, `ff.net.2` -> `ff.proj_out`; `weight` is `kernel` for
+Linear / Conv and `scale` for norms. Conv kernels go OIHW -> HWIO, Linear (out, in) -> (in, out), and a 1x1
+convolution proj_in / proj_out (use_linear_projection False) becomes our Linear. Neighbor layers are not part of
+a diffusers checkpoint: they keep their fresh values (an apprentice then starts as the exact base model).
+Weights are read with safetensors.numpy only (never pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from suti.models.neighbors import is_neighbor_param
+from suti.models.unet import UNet
+from suti.models.unet_config import UNetConfig
+
+_SEGMENT_RENAMES = (  # (ours, diffusers) path segments
+    (("ff", "proj_in"), ("ff", "net", "0", "proj")),
+    (("ff", "proj_out"), ("ff", "net", "2")),
+    (("to_out",), ("to_out", "0")),
+)
+
+# diffusers options we do not implement, with the value that means "off".
+_UNSUPPORTED_DEFAULTS = {
+    "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "only_cross_attention": False, "act_fn": "silu", "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0, "attention_type": "default",
+    "reverse_transformer_layers_per_block": None, "class_embeddings_concat": False,
+    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None, "resnet_skip_time_act": False,
+    "cross_attention_norm": None, "mid_block_only_cross_attention": None,
+}
+
+
+def _diffusers_key(path: tuple[Any, ...]) -> str:
+  """Our parameter path -> the diffusers state_dict key holding the same tensor."""
+  parts = [str(p) for p in path[:-1]]
+  for ours, theirs in _SEGMENT_RENAMES:
+    n = len(ours)
+    i = 0
+    while i <= len(parts) - n:
+      if tuple(parts[i:i + n]) == ours:
+        parts[i:i + n] = list(theirs)
+        i += len(theirs)
+      else:
+        i += 1
+  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(str(path[-1]))
+  if leaf is None:
+    raise ValueError(f"no diffusers counterpart for parameter {'.'.join(map(str, path))}")
+  return ".".join(parts + [leaf])
+
+
+def _to_ours(key: str, value: np.ndarray, want_shape: tuple[int, ...]) -> np.ndarray:
+  value = np.asarray(value, dtype=np.float32)
+  if value.ndim == 4 and len(want_shape) == 4:  # conv OIHW -> HWIO
+    value = value.transpose(2, 3, 1, 0)
+  elif value.ndim == 4 and len(want_shape) == 2 and value.shape[2:] == (1, 1):  # 1x1 conv -> Linear
+    value = value[:, :, 0, 0].T
+  elif value.ndim == 2:  # Linear (out, in) -> (in, out)
+    value = value.T
+  if tuple(value.shape) != tuple(want_shape):
+    raise ValueError(f"shape mismatch for diffusers key {key}: checkpoint gives {tuple(value.shape)} after "
+                     f"conversion, the model expects {tuple(want_shape)}")
+  return np.ascontiguousarray(value)
+
+
+def _abstract_params(config: UNetConfig) -> dict[tuple[Any, ...], Any]:
+  abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
+  return dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def convert_diffusers_unet(state_dict: Mapping[str, np.ndarray], config: UNetConfig) -> nnx.State:
+  """diffusers UNet state_dict (numpy arrays) -> nnx.State of our non-neighbor parameters (float32).
+
+  Raises ValueError naming the first missing key, unexpected key or shape mismatch.
+  """
+  wanted = {}
+  for path, variable in _abstract_params(config).items():
+    if not is_neighbor_param(path):
+      wanted[_diffusers_key(path)] = (path, tuple(variable.shape))
+  for key in state_dict:
+    if key not in wanted:
+      raise ValueError(f"unexpected key in diffusers checkpoint: {key} (no such parameter in this UNet config)")
+  for key in wanted:
+    if key not in state_dict:
+      raise ValueError(f"missing key in diffusers checkpoint: {key}")
+  flat = [(path, nnx.Param(_to_ours(key, state_dict[key], shape))) for key, (path, shape) in wanted.items()]
+  return nnx.State.from_flat_path(flat)
+
+
+def _safetensors_file(path: str) -> str:
+  if os.path.isdir(path):
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise ValueError(f"no diffusion_pytorch_model.safetensors in {path}")
+  if not os.path.isfile(path):
+    raise ValueError(f"no such checkpoint file: {path}")
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"expected a .safetensors file (pickled checkpoints are not read), got {path}")
+  return path
+
+
+def load_diffusers_unet(path: str, unet: UNet) -> None:
+  """Loads a diffusers UNet (a .safetensors file, or a diffusers `unet/` folder) into `unet` in place."""
+  from safetensors.numpy import load_file
+
+  state_dict = load_file(_safetensors_file(path))
+  nnx.update(unet, convert_diffusers_unet(state_dict, unet.config))
+
+
+def unet_config_from_diffusers(config_json: Mapping[str, Any] | str, **overrides: Any) -> UNetConfig:
+  """A diffusers UNet2DConditionModel config (dict, config.json path, or folder) -> UNetConfig.
+
+  SuTI-only fields default to a plain text-to-image model (no neighbors, no pooled text in the time embedding,
+  float32); pass them as keyword overrides, e.g. `num_neighbors=3, neighbor_token_resolutions=(8,), ...`.
+  """
+  if isinstance(config_json, str):
+    file = os.path.join(config_json, "config.json") if os.path.isdir(config_json) else config_json
+    with open(file) as f:
+      config_json = json.load(f)
+  cfg = dict(config_json)
+  for key, off in _UNSUPPORTED_DEFAULTS.items():
+    value = cfg.get(key, off)
+    is_off = value == off or (isinstance(value, (list, tuple)) and all(v == off for v in value))
+    if not is_off:
+      raise ValueError(f"unsupported diffusers UNet option {key}={value!r} (only {off!r} is implemented)")
+  for key in ("norm_num_groups", "mid_block_type"):
+    if key in cfg and cfg[key] is None:
+      raise ValueError(f"unsupported diffusers UNet option {key}=None")
+  if isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
+    raise ValueError("unsupported diffusers UNet option: per-block cross_attention_dim")
+  layers = cfg.get("layers_per_block", 2)
+  if isinstance(layers, (list, tuple)):
+    if len(set(layers)) != 1:
+      raise ValueError(f"unsupported diffusers UNet option: per-block layers_per_block {layers}")
+    layers = layers[0]
+  # diffusers' `attention_head_dim` historically holds the number of heads (see its UNet2DConditionModel).
+  heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+  tlayers = cfg.get("transformer_layers_per_block", 1)
+  if isinstance(tlayers, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in tlayers):
+    raise ValueError("unsupported diffusers UNet option: nested transformer_layers_per_block")
+  sample_size = cfg.get("sample_size", 64)
+  if isinstance(sample_size, (list, tuple)):
+    if sample_size[0] != sample_size[1]:
+      raise ValueError(f"unsupported diffusers UNet option: non-square sample_size {sample_size}")
+    sample_size = sample_size[0]
+  values = dict(
+      image_size=sample_size,
+      in_channels=cfg.get("in_channels", 4),
+      out_channels=cfg.get("out_channels", 4),
+      block_out_channels=tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280))),
+      layers_per_block=layers,
+      down_block_types=tuple(cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))),
+      up_block_types=tuple(cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)),
+      mid_block_type=cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+      num_attention_heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
+      cross_attention_dim=cfg.get("cross_attention_dim", 1280),
+      transformer_layers_per_block=tuple(tlayers) if isinstance(tlayers, (list, tuple)) else tlayers,
+      norm_num_groups=cfg.get("norm_num_groups", 32),
+      norm_eps=cfg.get("norm_eps", 1e-5),
+      use_linear_projection=cfg.get("use_linear_projection", False),
+      flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+      freq_shift=cfg.get("freq_shift", 0),
+      text_in_time_embedding=False,
+      dtype="float32",
+      num_neighbors=0,
+      neighbor_timestep=0,
+      neighbor_token_resolutions=(),
+      neighbor_attn_resolutions=(),
+  )
+  for key in overrides:
+    if key not in values:
+      raise ValueError(f"unknown UNetConfig field: {key}")
+  values.update(overrides)
+  return UNetConfig(**values)
