@@ -209,7 +209,7 @@ def _sample_from_tar_fields(key: str, fields: dict[str, bytes], source: str,
   if "json" in fields:
     try:
       meta = json.loads(fields["json"].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
       drops["bad_json"] += 1
       return None
     if not isinstance(meta, dict):

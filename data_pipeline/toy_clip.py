@@ -226,8 +226,8 @@ def evaluate(model, tokenizer, seed: int = 1, num_queries: int = 400, num_candid
 # Training.
 
 def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-          pool_size: int = 12000, threads: int = 2, progress: bool = True,
-          model_name: str = TOY_MODEL_NAME) -> dict:
+          pool_size: int = 12000, threads: int = 1, progress: bool = True,
+          model_name: str = TOY_MODEL_NAME, eval_queries: int = 400) -> dict:
   """Train the toy CLIP and save it under `out_dir`; returns the training summary + held-out eval."""
   import open_clip
   import torch
@@ -282,7 +282,7 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
   train_s = time.time() - t1
 
   model.eval()
-  metrics = evaluate(model, tokenizer)
+  metrics = evaluate(model, tokenizer, num_queries=eval_queries)
   os.makedirs(out_dir, exist_ok=True)
   # float16 on disk keeps the file small; open_clip's loader casts back to the model's float32.
   state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
@@ -313,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--pool-size", type=int, default=12000, help="rendered training images")
-  parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+  parser.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (1 is fastest for this tiny model on a busy CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

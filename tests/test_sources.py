@@ -193,6 +193,7 @@ def test_bad_fields_are_counted(tmp_path):
       _sample("good")
       + _sample("badjson", meta=b"{not json")
       + _sample("listjson", meta=b"[1, 2]")
+      + _sample("deepjson", meta=b"[" * 100000)
       + _sample("noutf8", caption=b"\xff\xfe caption")
       + _sample("nojson", meta=False)
       + _sample("noimage", image=False)
@@ -207,9 +208,28 @@ def test_bad_fields_are_counted(tmp_path):
   assert [s.key for s in samples] == ["good", "nocaption"]
   assert samples[1].caption == "from json"
   assert counts.dropped == {
-      "bad_json": 2, "non_utf8_text": 1, "missing_field:url": 2, "missing_field:image": 1,
+      "bad_json": 3, "non_utf8_text": 1, "missing_field:url": 2, "missing_field:image": 1,
       "zero_byte": 1, "undecodable_image": 1, "truncated_image": 1}
-  assert counts.total_in == 11
+  assert counts.total_in == 12
+
+
+def test_random_corruption_never_raises(tmp_path):
+  members = []
+  for i in range(4):
+    members += _sample(f"{i:05d}", image=_jpeg(np.full((16, 16, 3), 40 * i, np.uint8)), ext="jpg")
+  good = str(tmp_path / "good.tar")
+  write_tar_atomic(good, members)
+  data = bytearray(open(good, "rb").read())
+  rng = np.random.default_rng(0)
+  bad = str(tmp_path / "bad.tar")
+  for _ in range(60):
+    mutated = bytearray(data)
+    for pos in rng.integers(0, 6000, size=int(rng.integers(1, 20))):
+      mutated[int(pos)] = int(rng.integers(0, 256))
+    open(bad, "wb").write(bytes(mutated))
+    samples, counts = read_shard(bad)  # never raises
+    assert all(s.image.dtype == np.uint8 and s.image.ndim == 3 for s in samples)
+    assert counts.total_in >= 1
 
 
 # ----------------------------------------------------------------------------------------------
