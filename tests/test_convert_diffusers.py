@@ -1,4 +1,6 @@
 """diffusers UNet2DConditionModel (PyTorch) -> our UNet: key mapping, layouts, numerics."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -115,3 +117,47 @@ def test_config_from_diffusers_rejects_unsupported_options():
   apprentice = unet_config_from_diffusers(base, num_neighbors=3, neighbor_token_resolutions=(8,),
                                           neighbor_attn_resolutions=(8,))
   assert apprentice.num_neighbors == 3 and apprentice.image_size == 16
+
+
+def test_base_checkpoint_loads_into_an_apprentice(tmp_path):
+  from safetensors.numpy import save_file
+
+  from suti.models.neighbors import is_neighbor_param
+
+  model = _torch_unet(True)
+  path = str(tmp_path / "unet.safetensors")
+  save_file(_numpy_state(model), path)
+  base_cfg = unet_config_from_diffusers(dict(model.config))
+  apprentice = UNet(unet_config_from_diffusers(dict(model.config), num_neighbors=2, neighbor_token_resolutions=(8,),
+                                               neighbor_attn_resolutions=(8, 16)), rngs=nnx.Rngs(0))
+  load_diffusers_unet(path, apprentice)
+  converted = dict(nnx.to_flat_state(convert_diffusers_unet(_numpy_state(model), base_cfg)))
+  loaded = dict(nnx.to_flat_state(nnx.state(apprentice, nnx.Param)))
+  assert set(converted) == {p for p in loaded if not is_neighbor_param(p)}
+  for p, v in converted.items():
+    np.testing.assert_array_equal(np.asarray(loaded[p].get_value()), np.asarray(v.get_value()))
+  out_kernels = [v for p, v in loaded.items() if is_neighbor_param(p) and p[-2:] == ("to_out", "kernel")]
+  assert len(out_kernels) == 1 + 3 + 3  # mid block + both up blocks (8x8 and 16x16), zero-initialised
+  assert all(not np.asarray(v.get_value()).any() for v in out_kernels)
+
+
+
+def test_sd15_diffusers_keys_and_shapes_match_without_allocating():
+  import os
+
+  from suti.config import load_config
+  from suti.models.convert_diffusers import check_diffusers_shapes
+  from suti.models.unet_config import UNetConfig
+
+  with torch.device("meta"):  # SD 1.5's UNet (diffusers defaults + 768-wide text), no memory allocated
+    model = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+  shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  assert sum(math.prod(s) for s in shapes.values()) == 859_520_964
+  config = unet_config_from_diffusers(dict(model.config))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert config == UNetConfig.from_config(load_config(os.path.join(root, "configs", "sd15.py")).model).replace(
+      text_in_time_embedding=False, neighbor_token_resolutions=(), neighbor_attn_resolutions=())
+  check_diffusers_shapes(shapes, config)
+  shapes["mid_block.attentions.0.proj_out.weight"] = (1280, 1280, 3, 3)
+  with pytest.raises(ValueError, match="shape mismatch for diffusers key mid_block.attentions.0.proj_out.weight"):
+    check_diffusers_shapes(shapes, config)

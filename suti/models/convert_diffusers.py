@@ -58,17 +58,25 @@ def _diffusers_key(path: tuple[Any, ...]) -> str:
   return ".".join(parts + [leaf])
 
 
-def _to_ours(key: str, value: np.ndarray, want_shape: tuple[int, ...]) -> np.ndarray:
+def _converted_shape(shape: tuple[int, ...], want_ndim: int) -> tuple[int, ...]:
+  """Shape of a diffusers tensor after conversion to our layout."""
+  if len(shape) == 4 and want_ndim == 4:  # conv OIHW -> HWIO
+    return (shape[2], shape[3], shape[1], shape[0])
+  if len(shape) == 4 and want_ndim == 2 and shape[2:] == (1, 1):  # 1x1 conv -> Linear (in, out)
+    return (shape[1], shape[0])
+  if len(shape) == 2:  # Linear (out, in) -> (in, out)
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_ours(value: np.ndarray, want_ndim: int) -> np.ndarray:
   value = np.asarray(value, dtype=np.float32)
-  if value.ndim == 4 and len(want_shape) == 4:  # conv OIHW -> HWIO
+  if value.ndim == 4 and want_ndim == 4:
     value = value.transpose(2, 3, 1, 0)
-  elif value.ndim == 4 and len(want_shape) == 2 and value.shape[2:] == (1, 1):  # 1x1 conv -> Linear
+  elif value.ndim == 4 and want_ndim == 2:
     value = value[:, :, 0, 0].T
-  elif value.ndim == 2:  # Linear (out, in) -> (in, out)
+  elif value.ndim == 2:
     value = value.T
-  if tuple(value.shape) != tuple(want_shape):
-    raise ValueError(f"shape mismatch for diffusers key {key}: checkpoint gives {tuple(value.shape)} after "
-                     f"conversion, the model expects {tuple(want_shape)}")
   return np.ascontiguousarray(value)
 
 
@@ -77,28 +85,49 @@ def _abstract_params(config: UNetConfig) -> dict[tuple[Any, ...], Any]:
   return dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 
+def diffusers_key_map(config: UNetConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
+  """diffusers state_dict key -> (our parameter path, our shape) for every non-neighbor parameter."""
+  return {_diffusers_key(path): (path, tuple(v.shape)) for path, v in _abstract_params(config).items()
+          if not is_neighbor_param(path)}
+
+
+def check_diffusers_shapes(shapes: Mapping[str, tuple[int, ...]], config: UNetConfig) -> None:
+  """Validates a diffusers checkpoint's {key: shape} against `config` without touching any weights.
+
+  Raises ValueError naming the first unexpected key, missing key or shape mismatch.
+  """
+  _check_shapes(shapes, diffusers_key_map(config))
+
+
+def _check_shapes(shapes: Mapping[str, tuple[int, ...]],
+                  wanted: Mapping[str, tuple[tuple[Any, ...], tuple[int, ...]]]) -> None:
+  for key in shapes:
+    if key not in wanted:
+      raise ValueError(f"unexpected key in diffusers checkpoint: {key} (no such parameter in this UNet config)")
+  for key, (_, want) in wanted.items():
+    if key not in shapes:
+      raise ValueError(f"missing key in diffusers checkpoint: {key}")
+    got = _converted_shape(tuple(shapes[key]), len(want))
+    if got != want:
+      raise ValueError(f"shape mismatch for diffusers key {key}: checkpoint gives {got} after conversion, "
+                       f"the model expects {want}")
+
+
 def convert_diffusers_unet(state_dict: Mapping[str, np.ndarray], config: UNetConfig) -> nnx.State:
   """diffusers UNet state_dict (numpy arrays) -> nnx.State of our non-neighbor parameters (float32).
 
   Raises ValueError naming the first missing key, unexpected key or shape mismatch.
   """
-  wanted = {}
-  for path, variable in _abstract_params(config).items():
-    if not is_neighbor_param(path):
-      wanted[_diffusers_key(path)] = (path, tuple(variable.shape))
-  for key in state_dict:
-    if key not in wanted:
-      raise ValueError(f"unexpected key in diffusers checkpoint: {key} (no such parameter in this UNet config)")
-  for key in wanted:
-    if key not in state_dict:
-      raise ValueError(f"missing key in diffusers checkpoint: {key}")
-  flat = [(path, nnx.Param(_to_ours(key, state_dict[key], shape))) for key, (path, shape) in wanted.items()]
+  wanted = diffusers_key_map(config)
+  _check_shapes({k: tuple(np.shape(v)) for k, v in state_dict.items()}, wanted)
+  flat = [(path, nnx.Param(_to_ours(state_dict[key], len(shape)))) for key, (path, shape) in wanted.items()]
   return nnx.State.from_flat_path(flat)
 
 
 def _safetensors_file(path: str) -> str:
   if os.path.isdir(path):
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.safetensors"):
       if os.path.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
     raise ValueError(f"no diffusion_pytorch_model.safetensors in {path}")
