@@ -24,8 +24,10 @@ def crawl(tmp_path_factory):
   return out, summary
 
 
-def _raw_samples(out):
+@pytest.fixture(scope="module")
+def raw(crawl):
   """Every sample straight from the tars: key -> {ext: bytes}."""
+  out, _ = crawl
   samples = collections.OrderedDict()
   for name in sorted(os.listdir(out)):
     if not name.endswith(".tar"):
@@ -57,9 +59,9 @@ def test_same_seed_same_bytes_other_seed_differs(crawl, tmp_path):
     assert a.read() != b.read()
 
 
-def test_shards_are_img2dataset_shaped(crawl):
+def test_shards_are_img2dataset_shaped(crawl, raw):
   out, summary = crawl
-  samples = _raw_samples(out)
+  samples = raw
   assert len(samples) == summary["samples"]
   assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == [
       f"{i:05d}.tar" for i in range(summary["shards"])]
@@ -73,10 +75,10 @@ def test_shards_are_img2dataset_shaped(crawl):
     assert meta["status"] == "success"
 
 
-def test_ground_truth_is_consistent(crawl):
-  out, summary = crawl
+def test_ground_truth_is_consistent(crawl, raw):
+  _, summary = crawl
   pages = collections.defaultdict(list)
-  for fields in _raw_samples(out).values():
+  for fields in raw.values():
     toy = _meta(fields)["toy"]
     subject = tw.Subject.from_id(toy["subject"])
     assert toy["class"] == subject.cls
@@ -102,10 +104,9 @@ def test_ground_truth_is_consistent(crawl):
     assert len(folders) == 1
 
 
-def test_pixels_match_the_ground_truth(crawl):
-  out, _ = crawl
+def test_pixels_match_the_ground_truth(raw):
   checked = 0
-  for fields in _raw_samples(out).values():
+  for fields in raw.values():
     toy = _meta(fields)["toy"]
     if toy["corrupt"] or toy["duplicate"] == "near":
       continue
@@ -120,10 +121,9 @@ def test_pixels_match_the_ground_truth(crawl):
   assert checked > 100
 
 
-def test_descriptive_captions_describe_the_subject(crawl):
-  out, _ = crawl
+def test_descriptive_captions_describe_the_subject(raw):
   kinds = collections.Counter()
-  for fields in _raw_samples(out).values():
+  for fields in raw.values():
     meta = _meta(fields)
     toy = meta["toy"]
     kinds[toy["caption_kind"]] += 1
@@ -132,13 +132,13 @@ def test_descriptive_captions_describe_the_subject(crawl):
   assert kinds["descriptive"] > 0 and kinds["useless"] > 0
 
 
-def test_the_crawl_has_the_mess_mining_must_handle(crawl):
-  out, summary = crawl
+def test_the_crawl_has_the_mess_mining_must_handle(crawl, raw):
+  _, summary = crawl
   by_page = collections.defaultdict(set)
   dup = collections.Counter()
   corrupt = collections.Counter()
   no_page = 0
-  for fields in _raw_samples(out).values():
+  for fields in raw.values():
     meta = _meta(fields)
     toy = meta["toy"]
     dup[toy["duplicate"]] += 1
@@ -156,7 +156,7 @@ def test_the_crawl_has_the_mess_mining_must_handle(crawl):
   assert sum(v for k, v in corrupt.items() if k) == summary["corrupt"]
   # Exact duplicates carry the same bytes as their original on another URL.
   images = collections.defaultdict(set)
-  for fields in _raw_samples(out).values():
+  for fields in raw.values():
     toy = _meta(fields)["toy"]
     if not toy["corrupt"]:
       data = fields.get("jpg", fields.get("png"))
@@ -164,7 +164,7 @@ def test_the_crawl_has_the_mess_mining_must_handle(crawl):
   assert any({None, "exact"} <= kinds for kinds in images.values())
 
 
-def test_iter_shard_counts_exactly_the_corrupt_samples(crawl):
+def test_iter_shard_counts_exactly_the_corrupt_samples(crawl, raw):
   out, summary = crawl
   drops = collections.Counter()
   yielded = [s for p in list_shards(out) for s in iter_shard(p, drops)]
@@ -173,7 +173,7 @@ def test_iter_shard_counts_exactly_the_corrupt_samples(crawl):
   assert all(s.meta["toy"]["corrupt"] is None for s in yielded)
   assert set(drops) <= {"zero_byte", "truncated_image", "undecodable_image"}
   assert drops["zero_byte"] == sum(
-      1 for f in _raw_samples(out).values() if _meta(f)["toy"]["corrupt"] == "zero_byte")
+      1 for f in raw.values() if _meta(f)["toy"]["corrupt"] == "zero_byte")
   # page_url is None exactly when the json has none.
   assert sum(s.page_url is None for s in yielded) == sum(
       "page_url" not in s.meta for s in yielded)
