@@ -90,13 +90,18 @@ class UNet(nnx.Module):
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
       raise ValueError(f"{what} must have shape [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), got {tuple(x.shape)}")
 
-  def _check_context(self, context: jax.Array, batch: int, what: str) -> None:
+  def _check_context(self, context: jax.Array, mask: jax.Array | None, batch: int, what: str) -> None:
     d = self.config.cross_attention_dim
     if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != d:
       raise ValueError(f"{what} must have shape [{batch}, L, {d}], got {tuple(context.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+      raise ValueError(f"the mask of {what} must have shape {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
 
   def _time_embedding(self, t: jax.Array, pooled_text: jax.Array | None, batch: int) -> jax.Array:
-    t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+    t = jnp.asarray(t)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != batch):
+      raise ValueError(f"timesteps must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+    t = jnp.broadcast_to(t, (batch,))
     c = self.config
     emb = self.time_embedding(timestep_features(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                                 freq_shift=c.freq_shift).astype(self.dtype))
@@ -115,7 +120,7 @@ class UNet(nnx.Module):
     """x [B,H,W,C], t [B] int, context [B,L,D], context_mask [B,L] bool -> [B,H,W,out_channels] float32."""
     self._check_images(x, "x")
     b = x.shape[0]
-    self._check_context(context, b, "context")
+    self._check_context(context, context_mask, b, "context")
     if neighbors is not None:
       if self.neighbor_tokenizer is None:
         raise ValueError("neighbors were given but this UNet has no neighbor layers (model.num_neighbors = 0)")
@@ -160,9 +165,9 @@ class UNet(nnx.Module):
     flat_images = images.reshape((b * k,) + images.shape[2:])
     self._check_images(flat_images, "neighbor images (flattened to [B*K, H, W, C])")
     flat_context = contexts.reshape((b * k,) + contexts.shape[2:])
-    self._check_context(flat_context, b * k, "neighbor contexts (flattened to [B*K, L, D])")
+    flat_mask = None if context_masks is None else context_masks.reshape((b * k,) + context_masks.shape[2:])
+    self._check_context(flat_context, flat_mask, b * k, "neighbor contexts (flattened to [B*K, L, D])")
     flat_context = flat_context.astype(self.dtype)
-    flat_mask = None if context_masks is None else context_masks.reshape(b * k, -1)
     flat_pooled = None if pooled_texts is None else pooled_texts.reshape(b * k, -1)
 
     t = jnp.full((b * k,), c.neighbor_timestep, jnp.int32)
