@@ -9,7 +9,9 @@ run loads ViT-L/14 from a local file: `load_clip("ViT-L-14", "/models/vit_l14.sa
 
 Training (`python -m data_pipeline.toy_clip --out checkpoints/toy_clip --steps N`, also
 `suti data train-clip`): image / caption pairs rendered from train-split subjects, open_clip's
-ClipLoss, AdamW, torch on CPU. Evaluation uses held-out subjects only.
+ClipLoss between images and captions plus a weighted ClipLoss between two views of the same
+subject in different contexts (so that image embeddings carry identity, not only the scene),
+AdamW, torch on CPU. Evaluation uses held-out subjects only.
 """
 from __future__ import annotations
 
@@ -128,32 +130,38 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str],
 
 @dataclasses.dataclass
 class ToyPairs:
-  """A pool of rendered images with their subjects and contexts; captions are drawn per batch."""
-  images: np.ndarray  # uint8 [N, 32, 32, 3]
+  """A pool of subjects, each rendered in `views` different contexts; captions are drawn per
+  batch. images[i, v] shows subjects[i] in contexts[i][v]."""
+  images: np.ndarray  # uint8 [N, V, 32, 32, 3]
   subjects: list[tw.Subject]
-  contexts: list[tw.Context]
+  contexts: list[list[tw.Context]]
 
 
-def render_pairs(subjects: Sequence[tw.Subject], n: int, seed: int,
+def _to_size(img: np.ndarray, out_size: int) -> np.ndarray:
+  """Nearest-neighbour up, mean-pool down (sizes are powers of two)."""
+  size = img.shape[0]
+  if size < out_size:
+    return np.repeat(np.repeat(img, out_size // size, 0), out_size // size, 1)
+  if size > out_size:
+    f = size // out_size
+    return img.reshape(out_size, f, out_size, f, 3).mean((1, 3)).round().astype(np.uint8)
+  return img
+
+
+def render_pairs(subjects: Sequence[tw.Subject], n: int, seed: int, views: int = 2,
                  sizes: Sequence[int] = (16, 32), out_size: int = 32) -> ToyPairs:
-  """`n` renders of random subjects from `subjects` in random contexts (all styles and
-  accessories), at random sizes, brought to `out_size` (nearest-neighbour up, mean-pool down)."""
+  """`n` random subjects from `subjects`, each rendered `views` times in random contexts (all
+  styles and accessories) at random sizes, brought to `out_size`."""
   rng = np.random.default_rng(seed)
-  images = np.zeros((n, out_size, out_size, 3), np.uint8)
+  images = np.zeros((n, views, out_size, out_size, 3), np.uint8)
   chosen, contexts = [], []
   for i in range(n):
     subject = subjects[int(rng.integers(len(subjects)))]
-    context = tw.sample_context(rng, style_p=0.3, accessory_p=0.3)
-    size = int(rng.choice(sizes))
-    img = tw.render(subject, context, size)
-    if size < out_size:
-      img = np.repeat(np.repeat(img, out_size // size, 0), out_size // size, 1)
-    elif size > out_size:
-      f = size // out_size
-      img = img.reshape(out_size, f, out_size, f, 3).mean((1, 3)).round().astype(np.uint8)
-    images[i] = img
+    ctx = [tw.sample_context(rng, style_p=0.3, accessory_p=0.3) for _ in range(views)]
+    for v, c in enumerate(ctx):
+      images[i, v] = _to_size(tw.render(subject, c, int(rng.choice(sizes))), out_size)
     chosen.append(subject)
-    contexts.append(context)
+    contexts.append(ctx)
   return ToyPairs(images, chosen, contexts)
 
 
@@ -227,13 +235,17 @@ def evaluate(model, tokenizer, seed: int = 1, num_queries: int = 400, num_candid
 
 def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
           pool_size: int = 12000, threads: int = 1, progress: bool = True,
-          model_name: str = TOY_MODEL_NAME, eval_queries: int = 400) -> dict:
+          model_name: str = TOY_MODEL_NAME, eval_queries: int = 400,
+          image_loss_weight: float = 0.5) -> dict:
   """Train the toy CLIP and save it under `out_dir`; returns the training summary + held-out eval."""
   import open_clip
   import torch
   from safetensors.torch import save_file
   if steps < 1 or batch_size < 2:
     raise ValueError("steps must be >= 1 and batch size >= 2")
+  if pool_size // 2 < batch_size:
+    raise ValueError(f"pool size {pool_size} too small for batch size {batch_size} "
+                     "(it holds pool_size // 2 subjects with 2 views each)")
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   register_toy_configs()
@@ -242,8 +254,9 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
   model.train()
 
   t0 = time.time()
-  pool = render_pairs(tw.subjects_of_split("train"), pool_size, seed)
-  pool_x = images_to_tensor(model, pool.images)
+  pool = render_pairs(tw.subjects_of_split("train"), pool_size // 2, seed, views=2)
+  pool_x = images_to_tensor(model, pool.images.reshape(-1, *pool.images.shape[2:]))
+  pool_x = pool_x.view(len(pool.subjects), 2, *pool_x.shape[1:])
   render_s = time.time() - t0
 
   loss_fn = open_clip.loss.ClipLoss()
@@ -262,13 +275,21 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
   losses = []
   t1 = time.time()
   for step in bar:
-    idx = rng.choice(pool_size, batch_size, replace=False)
-    x = pool_x[idx]
+    idx = rng.choice(len(pool.subjects), batch_size, replace=False)
+    which = torch.from_numpy(rng.integers(0, 2, batch_size))
+    x = pool_x[idx, which]  # one view is captioned, the other is its image-image positive
+    other = pool_x[idx, 1 - which]
     if rng.random() < 0.5:  # a flip keeps identity and context; cheap augmentation
-      x = x.flip(-1)
-    texts = [caption_for(pool.subjects[i], pool.contexts[i], rng) for i in idx]
+      x, other = x.flip(-1), other.flip(-1)
+    texts = [caption_for(pool.subjects[i], pool.contexts[i][int(w)], rng)
+             for i, w in zip(idx, which)]
     image_f, text_f, scale = model(x, tokenizer(texts))
     loss = loss_fn(image_f, text_f, scale)
+    if image_loss_weight > 0:
+      # Image-image contrast across contexts: the same subject elsewhere is the positive, so
+      # image embeddings carry identity, not only the scene (what clustering and CLIP-I need).
+      other_f = model.encode_image(other, normalize=True)
+      loss = loss + image_loss_weight * loss_fn(image_f, other_f, scale)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,6 +317,7 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
         "interpolation": "bicubic", "resize_mode": "shortest"}}, f, indent=2)
   summary = {"model_name": model_name, "steps": steps, "batch_size": batch_size, "lr": lr,
              "seed": seed, "pool_size": pool_size, "threads": threads,
+             "image_loss_weight": image_loss_weight,
              "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1),
              "final_loss": float(np.mean(losses[-50:])),
              "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -307,19 +329,23 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", default="checkpoints/toy_clip", help="output folder")
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--pool-size", type=int, default=12000, help="rendered training images")
+  parser.add_argument("--out", default="checkpoints/toy_clip",
+                      help="output folder (open_clip_model.safetensors + open_clip_config.json)")
+  parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+  parser.add_argument("--batch-size", type=int, default=128, help="pairs per step")
+  parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the rendered pool and batches")
+  parser.add_argument("--pool-size", type=int, default=12000,
+                      help="rendered training images (pool_size / 2 subjects x 2 views)")
+  parser.add_argument("--image-loss-weight", type=float, default=0.5,
+                      help="weight of the image-image (same subject, other context) ClipLoss")
   parser.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (1 is fastest for this tiny model on a busy CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
   s = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.pool_size,
-            args.threads)
+            args.threads, image_loss_weight=args.image_loss_weight)
   e = s["heldout_eval"]
   print(f"toy CLIP: {s['steps']} steps in {s['train_seconds']:.0f} s, loss {s['final_loss']:.3f}; "
         f"held-out top-1 of {e['num_candidates']} (chance {e['chance']:.2f}): image->text "
