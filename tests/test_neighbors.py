@@ -68,35 +68,39 @@ def perturb_neighbor_layers(model: UNet, seed: int = 3) -> None:
 
 @pytest.fixture(scope="module")
 def apprentice():
+  """A 'trained' apprentice (random neighbor layers) and jitted encode / denoise taking the state explicitly,
+  so any apprentice of the same config reuses the compiled programs."""
   model = UNet(tiny_config(), rngs=nnx.Rngs(1))
   perturb_neighbor_layers(model)
   graphdef, state = nnx.split(model)
-  encode = jax.jit(lambda s, *a: nnx.merge(graphdef, s).encode_neighbors(*a))
-  denoise = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+  encode_with = jax.jit(lambda s, *a: nnx.merge(graphdef, s).encode_neighbors(*a))
+  denoise_with = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
 
   def encode_and_denoise(s, x, t, context, mask, pooled, *neighbor_args):
     m = nnx.merge(graphdef, s)
     return m(x, t, context, mask, m.encode_neighbors(*neighbor_args), pooled)
 
-  return dict(model=model, encode=lambda *a: encode(state, *a), denoise=lambda *a: denoise(state, *a),
+  return dict(model=model, encode_with=encode_with, denoise_with=denoise_with,
+              encode=lambda *a: encode_with(state, *a), denoise=lambda *a: denoise_with(state, *a),
               fused=jax.jit(lambda *a: encode_and_denoise(state, *a)))
 
 
-def test_fresh_apprentice_with_base_weights_is_exactly_the_base_model():
+def test_fresh_apprentice_with_base_weights_is_exactly_the_base_model(apprentice):
   base = UNet(tiny_config(num_neighbors=0), rngs=nnx.Rngs(0))
   fresh = UNet(tiny_config(), rngs=nnx.Rngs(7))
   load_base_into_apprentice(fresh, base)
   x, t, context, mask, pooled = target_inputs(base.config)
-  neighbor_args = neighbor_inputs(base.config, 3)
+  neighbor_args = neighbor_inputs(base.config, 2)
 
   bg, bs = nnx.split(base)
-  want = jax.jit(lambda s, *a: nnx.merge(bg, s)(*a))(bs, x, t, context, mask, None, pooled)
-  fg, fs = nnx.split(fresh)
-  run = jax.jit(lambda s, *a: nnx.merge(fg, s)(*a))
-  tokens = jax.jit(lambda s, *a: nnx.merge(fg, s).encode_neighbors(*a))(fs, *neighbor_args)
+  want = np.asarray(jax.jit(lambda s, *a: nnx.merge(bg, s)(*a))(bs, x, t, context, mask, None, pooled))
+  fresh_state = nnx.state(fresh)
+  tokens = apprentice["encode_with"](fresh_state, *neighbor_args)
   assert np.abs(np.asarray(tokens.tokens)).max() > 0  # real neighbor tokens, attended with zero output
-  np.testing.assert_array_equal(np.asarray(run(fs, x, t, context, mask, tokens, pooled)), np.asarray(want))
-  np.testing.assert_array_equal(np.asarray(run(fs, x, t, context, mask, None, pooled)), np.asarray(want))
+  with_tokens = apprentice["denoise_with"](fresh_state, x, t, context, mask, tokens, pooled)
+  np.testing.assert_array_equal(np.asarray(with_tokens), want)
+  without = apprentice["denoise_with"](fresh_state, x, t, context, mask, None, pooled)
+  np.testing.assert_array_equal(np.asarray(without), want)
 
 
 def test_base_parameters_are_exactly_the_non_neighbor_parameters():
@@ -118,11 +122,11 @@ def test_base_parameters_are_exactly_the_non_neighbor_parameters():
 
 def test_tokens_shape_and_mask(apprentice):
   cfg = apprentice["model"].config
-  images, contexts, cmasks, nmask, pooled = neighbor_inputs(cfg, 3)
+  images, contexts, cmasks, nmask, pooled = neighbor_inputs(cfg, K_MAX)
   nmask[1, 2] = False
   tokens = apprentice["encode"](images, contexts, cmasks, nmask, pooled)
   per_neighbor = 4 * 4 + 8 * 8
-  assert tokens.tokens.shape == (2, 3 * per_neighbor, cfg.neighbor_token_dim)
+  assert tokens.tokens.shape == (2, K_MAX * per_neighbor, cfg.neighbor_token_dim)
   expected_mask = np.repeat(nmask, per_neighbor, axis=1)
   np.testing.assert_array_equal(np.asarray(tokens.mask), expected_mask)
 
@@ -144,7 +148,7 @@ def test_padding_to_k_max_with_mask_matches_unpadded(apprentice):
 def test_rows_without_neighbors_get_exactly_the_no_neighbor_output(apprentice):
   cfg = apprentice["model"].config
   x, t, context, mask, pooled = target_inputs(cfg)
-  images, contexts, cmasks, nmask, npooled = neighbor_inputs(cfg, 3)
+  images, contexts, cmasks, nmask, npooled = neighbor_inputs(cfg, 2)
   nmask[0] = False  # row 0: no neighbors at all
   tokens = apprentice["encode"](images, contexts, cmasks, nmask, npooled)
   with_tokens = np.asarray(apprentice["denoise"](x, t, context, mask, tokens, pooled))
@@ -159,7 +163,7 @@ def test_rows_without_neighbors_get_exactly_the_no_neighbor_output(apprentice):
 def test_cached_tokens_equal_encoding_inside_the_call(apprentice):
   cfg = apprentice["model"].config
   x, t, context, mask, pooled = target_inputs(cfg)
-  neighbor_args = neighbor_inputs(cfg, 3)
+  neighbor_args = neighbor_inputs(cfg, 2)
   tokens = apprentice["encode"](*neighbor_args)
   for step_t in (np.array([999, 999], np.int32), np.array([10, 3], np.int32)):  # reuse across steps
     cached = apprentice["denoise"](x, step_t, context, mask, tokens, pooled)
