@@ -29,13 +29,26 @@ def text_encoder_params(cfg_text) -> int | None:
   return _count(nnx.state(abstract, nnx.Param))
 
 
+def flatten(cfg, prefix: str = "") -> list[tuple[str, object]]:
+  """ConfigDict -> [("model.image_size", 16), ...], keys sorted as ConfigDict keeps them."""
+  items = []
+  for key, value in cfg.items():
+    if hasattr(value, "items"):
+      items.extend(flatten(value, f"{prefix}{key}."))
+    else:
+      items.append((prefix + key, value))
+  return items
+
+
 def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str:
   from suti.models.unet import count_params
   from suti.models.unet_config import UNetConfig
 
   cfg = load_config(config_path, overrides)
   counts = count_params(UNetConfig.from_config(cfg.model))
-  lines = [f"# config: {config_path}", str(cfg).rstrip(), "", "# parameters (UNet)"]
+  lines = [f"# config: {config_path}"]
+  lines += [f"{key} = {value!r}" for key, value in flatten(cfg)]
+  lines += ["", "# parameters (UNet)"]
   total = counts.pop("total")
   for name, n in counts.items():
     lines.append(f"{name:<24} {n:>15,}")
