@@ -38,6 +38,7 @@ setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=find_packages(include=["suti", "suti.*", "data_pipeline", "data_pipeline.*"]),
+    package_data={"data_pipeline": ["toy_clip_configs/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["suti=suti.cli:main"]},
