@@ -47,7 +47,7 @@ def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 3) -> dic
   ctx = stages.StageContext(config, layout)
   model = clip_filter.load_clip_resource(ctx)
   images = [img for p in sorted(glob.glob(os.path.join(tasks[0].input_path, "*.tar")))
-            for r in cluster_shards.read_cluster_shard(p) for img in r.images()]
+            for r in cluster_shards.read_cluster_shard(p) for img in r.images]
   batch = np.stack(images)
   clip_filter.embed_images(model, images[:config.clip.batch_size], config.clip.batch_size)  # warm-up
   stage_s, raw_s = [], []

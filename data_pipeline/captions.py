@@ -199,19 +199,18 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
   vocabulary = tuple(cfg.class_nouns)
   records = []
   for record in cluster_shards.read_cluster_shard(in_path):
-    counts.in_ += len(record.images_png)
+    counts.in_ += len(record.images)
     alt_texts = list(record.captions)
     noun = class_noun(alt_texts, vocabulary)
     subject = f"{cfg.token} {noun}" if cfg.token else noun
-    images = record.images() if backend.name != "template" else []
-    new_captions = backend.captions(images, alt_texts, noun)
+    new_captions = backend.captions(record.images, alt_texts, noun)
     result.counters["captions_rewritten"] += sum(a != c for a, c in zip(alt_texts, new_captions))
     meta = {**record.meta, "alt_texts": alt_texts, "class_noun": noun, "subject_token": cfg.token,
             "captioner": backend.name}
     records.append(cluster_shards.ClusterRecord(
-        record.cluster_id, record.page_url, record.images_png, new_captions, record.source_keys, meta,
+        record.cluster_id, record.page_url, record.images, new_captions, record.source_keys, meta,
         prompts=backend.prompts(record.cluster_id, subject)))
-    counts.out += len(record.images_png)
+    counts.out += len(record.images)
   result.counters["clusters_out"] += len(records)
   if records:
     cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)), records)

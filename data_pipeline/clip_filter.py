@@ -143,7 +143,7 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
   if not os.path.isfile(in_path):
     return result
   records = list(cluster_shards.read_cluster_shard(in_path))
-  images = [img for r in records for img in r.images()]
+  images = [img for r in records for img in r.images]
   counts.in_ = len(images)
   if not images:
     return result
@@ -151,7 +151,7 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
   cfg = filter_config(ctx.config)
   kept_records, start = [], 0
   for record in records:
-    n = len(record.images_png)
+    n = len(record.images)
     decision = filter_cluster(embeddings[start:start + n], cfg)
     start += n
     counts.dropped.update(decision.dropped)
@@ -164,13 +164,11 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
       meta["image_urls"] = [meta["image_urls"][i] for i in k]
     meta["clip"] = {**decision.stats, "model": ctx.config.clip.model_name,
                     "per_image_mean_cosine": [round(float(x), 4) for x in _per_image_mean(embeddings[start - n:start][k])]}
-    kept_records.append(cluster_shards.ClusterRecord(
-        record.cluster_id, record.page_url, [record.images_png[i] for i in k], [record.captions[i] for i in k],
-        [record.source_keys[i] for i in k], meta))
+    kept_records.append(record.select(k, meta))
   result.counters["clusters_after_clip"] += len(kept_records)
   if kept_records:
     cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)),
-                                       kept_records)
+                                       kept_records, packed=True)
   return result
 
 

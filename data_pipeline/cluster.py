@@ -56,16 +56,17 @@ class BucketedSample:
   normalized_url: str
   caption: str
   content_hash: str
-  png: bytes
+  image: np.ndarray  # uint8 HxWx3; raw bytes in the bucket files (no codec on the way through)
 
   @property
   def member_key(self) -> str:
     return f"s{self.order[0]:05d}p{self.order[1]:08d}"
 
   def members(self) -> list[tuple[str, bytes]]:
-    info = {k: v for k, v in self.__dict__.items() if k != "png"}
-    return [(f"{self.member_key}.png", self.png),
-            (f"{self.member_key}.json", json.dumps(info, sort_keys=True).encode("utf-8"))]
+    info = {k: v for k, v in self.__dict__.items() if k != "image"}
+    info["shape"] = list(self.image.shape)
+    return [(f"{self.member_key}.json", json.dumps(info, sort_keys=True).encode("utf-8")),
+            (f"{self.member_key}.rgb", np.ascontiguousarray(self.image, dtype=np.uint8).tobytes())]
 
 
 def _read_bucket_file(path: str) -> list[BucketedSample]:
@@ -73,10 +74,11 @@ def _read_bucket_file(path: str) -> list[BucketedSample]:
   for name, data in shard_io.read_tar(path):
     key, ext = name.split(".", 1)
     pending[ext] = data
-    if "png" in pending and "json" in pending:
+    if "rgb" in pending and "json" in pending:
       info = json.loads(pending["json"])
       info["order"] = tuple(info["order"])
-      samples.append(BucketedSample(png=pending["png"], **info))
+      image = np.frombuffer(pending["rgb"], np.uint8).reshape(info.pop("shape"))
+      samples.append(BucketedSample(image=image, **info))
       pending = {}
   return samples
 
@@ -108,7 +110,7 @@ def run_map(ctx: StageContext, task: Task) -> TaskResult:
     except ValueError:
       normalized_url = sample.url.strip()
     item = BucketedSample((task.index, position), sample.key, key.key, key.source, sample.url, normalized_url,
-                          sample.caption, content_hash(sample.image), cluster_shards.encode_png(sample.image))
+                          sample.caption, content_hash(sample.image), sample.image)
     buckets[bucket_of(key.key, num_buckets)].extend(item.members())
   read.in_, read.out, read.dropped = yielded + sum(drops.values()), yielded, drops
   out_dir = os.path.join(task.output_dir, task.task_id)
@@ -161,13 +163,14 @@ def run_reduce(ctx: StageContext, task: Task) -> TaskResult:
     first = members[0]
     records.append(cluster_shards.ClusterRecord(
         cluster_id=cluster_id_of(first.page_key), page_url=first.page_key,
-        images_png=[m.png for m in members], captions=[m.caption for m in members],
+        images=[m.image for m in members], captions=[m.caption for m in members],
         source_keys=[m.key for m in members],
         meta={"page_key_source": first.key_source, "image_urls": [m.url for m in members]}))
   records.sort(key=lambda r: r.cluster_id)
   result.counters["clusters_grouped"] += len(records)
   if records:
-    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)), records)
+    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)), records,
+                                       packed=True)
   return result
 
 

@@ -5,8 +5,10 @@
   <cid>.prompts.json                         [{"prompt": ..., "skill": ...}, ...] (after the captions stage)
   <cid>.meta.json                            cluster_id, page_url, source_keys (image order), clip stats, ...
 
-The pipeline's intermediate cluster stages use the same format (without prompts.json), so each stage
-reads what the previous one wrote, and images are passed on as the PNG bytes they arrived as.
+The pipeline's intermediate cluster shards (under <output>/work/) hold the same records "packed": per
+cluster one `<cid>.pixels.bin` (the raw uint8 pixels of all images), `<cid>.packed.json` (captions and
+image shapes) and `<cid>.meta.json`. Three members per cluster and no PNG codec keep the CLIP stage
+bound by the model, not by tar parsing and decoding; PNG is written once, for the final shards.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from PIL import Image
 
 from data_pipeline import shard_io
 
-_MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json)$")
+_MEMBER = re.compile(
+    r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json|pixels\.bin|packed\.json)$")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -38,50 +41,77 @@ def decode_png(data: bytes) -> np.ndarray:
 
 @dataclass
 class ClusterRecord:
-  """One cluster: its images (PNG bytes), their captions, new prompts and metadata."""
+  """One cluster: its images (uint8 HxWx3), their captions, new prompts and metadata."""
   cluster_id: str
   page_url: str
-  images_png: list[bytes]
+  images: list[np.ndarray]
   captions: list[str]
   source_keys: list[str]
   meta: dict = field(default_factory=dict)  # everything else meta.json holds (clip stats, urls, ...)
   prompts: list[dict] | None = None
 
   def __post_init__(self):
-    n = len(self.images_png)
+    n = len(self.images)
     if not (len(self.captions) == len(self.source_keys) == n):
       raise ValueError(f"cluster {self.cluster_id}: {n} images, {len(self.captions)} captions, "
                        f"{len(self.source_keys)} source keys")
     if not self.cluster_id or "." in self.cluster_id or "/" in self.cluster_id:
       raise ValueError(f"bad cluster id {self.cluster_id!r}")
 
-  def images(self) -> list[np.ndarray]:
-    return [decode_png(b) for b in self.images_png]
+  def __eq__(self, other) -> bool:
+    return (isinstance(other, ClusterRecord) and len(self.images) == len(other.images)
+            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(self.images, other.images))
+            and (self.cluster_id, self.page_url, self.captions, self.source_keys, self.meta, self.prompts)
+            == (other.cluster_id, other.page_url, other.captions, other.source_keys, other.meta, other.prompts))
+
+  def select(self, keep: list[int], meta: dict | None = None) -> "ClusterRecord":
+    """The same cluster with only the images at `keep` (in that order)."""
+    return ClusterRecord(self.cluster_id, self.page_url, [self.images[i] for i in keep],
+                         [self.captions[i] for i in keep], [self.source_keys[i] for i in keep],
+                         dict(self.meta) if meta is None else meta, self.prompts)
 
   def meta_json(self) -> dict:
     return {**self.meta, "cluster_id": self.cluster_id, "page_url": self.page_url,
-            "source_keys": list(self.source_keys), "num_images": len(self.images_png)}
+            "source_keys": list(self.source_keys), "num_images": len(self.images)}
 
-  def members(self) -> list[tuple[str, bytes]]:
+  def members(self, packed: bool = False) -> list[tuple[str, bytes]]:
     cid = self.cluster_id
     out = []
-    for i, (png, caption) in enumerate(zip(self.images_png, self.captions)):
-      out.append((f"{cid}.img_{i}.png", png))
-      out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
+    if packed:
+      pixels = b"".join(np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in self.images)
+      out.append((f"{cid}.pixels.bin", pixels))
+      packed_info = {"captions": self.captions, "shapes": [list(img.shape) for img in self.images]}
+      out.append((f"{cid}.packed.json", json.dumps(packed_info, sort_keys=True).encode("utf-8")))
+    else:
+      for i, (image, caption) in enumerate(zip(self.images, self.captions)):
+        out.append((f"{cid}.img_{i}.png", encode_png(image)))
+        out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
     if self.prompts is not None:
       out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
     out.append((f"{cid}.meta.json", json.dumps(self.meta_json(), sort_keys=True).encode("utf-8")))
     return out
 
 
-def write_cluster_shard(path: str, records: Iterable[ClusterRecord]) -> int:
-  """Writes records (in the given order) to one tar atomically; returns how many."""
+def write_cluster_shard(path: str, records: Iterable[ClusterRecord], packed: bool = False) -> int:
+  """Writes records (in the given order) to one tar atomically; returns how many. `packed` for the
+  pipeline's intermediate shards, PNG members (the DESIGN.md format) otherwise."""
   members, count = [], 0
   for record in records:
-    members.extend(record.members())
+    members.extend(record.members(packed))
     count += 1
   shard_io.write_tar(path, members)
   return count
+
+
+def _unpack_pixels(data: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
+  images, offset = [], 0
+  for shape in shapes:
+    size = int(np.prod(shape))
+    images.append(np.frombuffer(data, np.uint8, size, offset).reshape(shape))
+    offset += size
+  if offset != len(data):
+    raise ValueError(f"pixel data holds {len(data)} bytes, shapes need {offset}")
+  return images
 
 
 def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> ClusterRecord:
@@ -90,8 +120,12 @@ def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> Cluste
   meta = json.loads(parts["meta.json"])
   n = int(meta["num_images"])
   try:
-    images = [parts[f"img_{i}.png"] for i in range(n)]
-    captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
+    if "pixels.bin" in parts:
+      info = json.loads(parts["packed.json"])
+      images, captions = _unpack_pixels(parts["pixels.bin"], info["shapes"]), list(info["captions"])
+    else:
+      images = [decode_png(parts[f"img_{i}.png"]) for i in range(n)]
+      captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
   except KeyError as e:
     raise ValueError(f"{path}: cluster {key} lacks {e.args[0]}") from None
   prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
@@ -101,7 +135,7 @@ def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> Cluste
 
 
 def read_cluster_shard(path: str) -> Iterator[ClusterRecord]:
-  """Reads the clusters of one shard in file order."""
+  """Reads the clusters of one shard (packed or not) in file order."""
   key, parts = None, {}
   for name, data in shard_io.read_tar(path):
     match = _MEMBER.match(name)

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from data_pipeline import cluster, cluster_shards, stages, sources
@@ -20,7 +21,8 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "t
 
 def _sample(order, page, url, pixels=None):
   return cluster.BucketedSample(order=(0, order), key=f"k{order}", page_key=page, key_source="page_url", url=url,
-                                normalized_url=url, caption="c", content_hash=pixels or url, png=b"")
+                                normalized_url=url, caption="c", content_hash=pixels or url,
+                                image=np.zeros((2, 2, 3), np.uint8))
 
 
 def test_dedup_and_size_limits_count_every_sample():
@@ -109,19 +111,27 @@ def test_clusters_are_pages_and_every_page_with_three_images_is_found(toyweb, tm
 def test_bucket_count_does_not_change_the_clusters(toyweb, tmp_path):
   one, _ = _run_clustering(toyweb, str(tmp_path / "b1"), num_buckets=1)
   many, _ = _run_clustering(toyweb, str(tmp_path / "b5"), num_buckets=5)
-  as_set = lambda rs: {(r.cluster_id, tuple(r.source_keys), tuple(r.images_png)) for r in rs}
+  as_set = lambda rs: {(r.cluster_id, tuple(r.source_keys), b"".join(i.tobytes() for i in r.images)) for r in rs}
   assert as_set(one) == as_set(many) and len(one) > 10
 
 
-def test_cluster_shard_round_trip(tmp_path):
-  png = cluster_shards.encode_png(__import__("numpy").full((4, 5, 3), 7, "uint8"))
-  record = cluster_shards.ClusterRecord("abc123", "https://a.example/", [png, png], ["x", "é"], ["k1", "k2"],
+@pytest.mark.parametrize("packed", [False, True])
+def test_cluster_shard_round_trip(tmp_path, packed):
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), rng.integers(0, 256, (6, 2, 3), dtype=np.uint8)]
+  record = cluster_shards.ClusterRecord("abc123", "https://a.example/", images, ["x", "é"], ["k1", "k2"],
                                         {"clip": {"mean_pairwise_cosine": 0.5}},
                                         [{"prompt": "a sks ball", "skill": "style"}])
   path = str(tmp_path / "clusters-000000.tar")
-  cluster_shards.write_cluster_shard(path, [record, record.__class__(**{**record.__dict__, "cluster_id": "d"})])
+  other = cluster_shards.ClusterRecord("d", "u", images[:1], ["y"], ["k3"])
+  cluster_shards.write_cluster_shard(path, [record, other], packed=packed)
   back = list(cluster_shards.read_cluster_shard(path))
-  assert back[0] == record and back[1].cluster_id == "d"
-  assert back[0].images()[0].shape == (4, 5, 3)
+  assert back == [record, other]
+  with tarfile.open(path) as tar:
+    names = tar.getnames()
+  expected = (["abc123.pixels.bin", "abc123.packed.json"] if packed else
+              ["abc123.img_0.png", "abc123.img_0.txt", "abc123.img_1.png", "abc123.img_1.txt"])
+  assert names[:len(expected)] == expected
+  assert record.select([1]).images[0] is images[1]
   with pytest.raises(ValueError):
-    cluster_shards.ClusterRecord("bad.id", "u", [png], ["x"], ["k"])
+    cluster_shards.ClusterRecord("bad.id", "u", images[:1], ["x"], ["k"])

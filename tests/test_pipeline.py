@@ -77,7 +77,7 @@ def test_counts_balance_and_chain(full_run):
   assert s["captions"]["in"] == s["clip_filter"]["out"] == s["captions"]["out"]
   records = read_clusters(out)
   assert stats["counters"]["clusters_out"] == len(records)
-  assert sum(len(r.images_png) for r in records) == s["captions"]["out"]
+  assert sum(len(r.images) for r in records) == s["captions"]["out"]
   assert s["read"]["dropped"] and s["clip_filter"]["dropped"].get("incoherent_cluster", 0) > 0
 
 
@@ -109,13 +109,13 @@ def test_output_format(full_run):
   records = read_clusters(out)
   assert records
   for r in records:
-    assert len(r.images_png) == len(r.captions) == len(r.source_keys) >= 3
-    assert all(img.shape == (32, 32, 3) for img in r.images())
+    assert len(r.images) == len(r.captions) == len(r.source_keys) >= 3
+    assert all(img.shape == (32, 32, 3) for img in r.images)
     meta = r.meta_json()
     assert meta["cluster_id"] == r.cluster_id and meta["page_url"].startswith("https://")
     clip = meta["clip"]
     assert clip["model"] == "toy-ViT-32" and clip["mean_pairwise_cosine"] >= 0.0
-    assert len(clip["per_image_mean_cosine"]) == len(r.images_png)
+    assert len(clip["per_image_mean_cosine"]) == len(r.images)
     assert len(meta["alt_texts"]) == len(r.captions)
     subject = f"sks {meta['class_noun']}"
     assert {p["skill"] for p in r.prompts} == set(prompt_templates.SKILLS)
@@ -249,7 +249,7 @@ def test_transformers_backends_on_tiny_local_models(tmp_path):
                                       ("captions.captioner_path", cap_dir), ("captions.lm_path", lm_dir),
                                       ("captions.max_new_tokens", "6")])
   records = read_clusters(out)
-  assert records and stats["stages"]["captions"]["out"] == sum(len(r.images_png) for r in records)
+  assert records and stats["stages"]["captions"]["out"] == sum(len(r.images) for r in records)
   for r in records:
     assert r.meta["captioner"] == "transformers"
     for caption in r.captions:  # written by the captioner: words of its vocabulary, not the alt text
