@@ -21,6 +21,7 @@ def get_config() -> mlc.ConfigDict:
   m.num_attention_heads = 8
   m.cross_attention_dim = 2048
   m.norm_num_groups = 32
+  m.resnet_time_scale_shift = "scale_shift"  # as Imagen's ResBlocks
   m.neighbor_token_resolutions = (8,)
   m.neighbor_attn_resolutions = (8, 16)
 

@@ -24,6 +24,7 @@ def get_config() -> mlc.ConfigDict:
   m.num_attention_heads = 8
   m.cross_attention_dim = 768
   m.norm_num_groups = 32
+  m.resnet_time_scale_shift = "default"  # SD adds the time embedding (a scale-shift model differs in shape)
   m.use_linear_projection = False
   m.text_in_time_embedding = False
   m.neighbor_token_resolutions = (8,)

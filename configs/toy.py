@@ -1,4 +1,4 @@
-"""Toy world at 16x16: a 2.7M-parameter pixel UNet (+0.1M text encoder) that trains on 2 CPU cores in minutes.
+"""Toy world at 16x16: a 2.8M-parameter pixel UNet (+0.1M text encoder) that trains on 2 CPU cores in minutes.
 
 Base text-to-image model (no neighbors). The apprentice variant is `configs/toy_suti.py`.
 
@@ -28,6 +28,8 @@ def get_config() -> mlc.ConfigDict:
   c.model.transformer_layers_per_block = 1
   c.model.norm_num_groups = 8
   c.model.norm_eps = 1e-5
+  # ResBlock time conditioning: "scale_shift" (Imagen: norm2(h) * (1 + scale) + shift) or "default" (SD: added).
+  c.model.resnet_time_scale_shift = "scale_shift"
   c.model.use_linear_projection = True
   c.model.flip_sin_to_cos = True
   c.model.freq_shift = 0

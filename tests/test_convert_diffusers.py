@@ -19,9 +19,10 @@ SMALL = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(
              attention_head_dim=4, flip_sin_to_cos=True, freq_shift=0)
 
 
-def _torch_unet(use_linear_projection: bool):
+def _torch_unet(use_linear_projection: bool, resnet_time_scale_shift: str = "default"):
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel(**SMALL, use_linear_projection=use_linear_projection).eval()
+  model = diffusers.UNet2DConditionModel(**SMALL, use_linear_projection=use_linear_projection,
+                                         resnet_time_scale_shift=resnet_time_scale_shift).eval()
   with torch.no_grad():  # perturb every tensor so zero-initialised ones and unit norms are exercised too
     for p in model.parameters():
       p.add_(torch.randn_like(p) * 0.05)
@@ -32,16 +33,18 @@ def _numpy_state(model) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("use_linear_projection", [True, False])
-def test_matches_diffusers_forward(tmp_path, use_linear_projection):
+@pytest.mark.parametrize("use_linear_projection,resnet_time_scale_shift",
+                         [(True, "default"), (False, "default"), (True, "scale_shift")])
+def test_matches_diffusers_forward(tmp_path, use_linear_projection, resnet_time_scale_shift):
   from safetensors.numpy import save_file
 
-  model = _torch_unet(use_linear_projection)
+  model = _torch_unet(use_linear_projection, resnet_time_scale_shift)
   path = str(tmp_path / "unet.safetensors")
   save_file(_numpy_state(model), path)
 
   config = unet_config_from_diffusers(dict(model.config))
   assert config.use_linear_projection == use_linear_projection and config.num_attention_heads == 4
+  assert config.resnet_time_scale_shift == resnet_time_scale_shift
   ours = UNet(config, rngs=nnx.Rngs(1))
   load_diffusers_unet(path, ours)
 
@@ -112,8 +115,9 @@ def test_config_from_diffusers_rejects_unsupported_options():
   base = dict(SMALL, use_linear_projection=True)
   with pytest.raises(ValueError, match="class_embed_type"):
     unet_config_from_diffusers(dict(base, class_embed_type="timestep"))
-  with pytest.raises(ValueError, match="resnet_time_scale_shift"):
-    unet_config_from_diffusers(dict(base, resnet_time_scale_shift="scale_shift"))
+  with pytest.raises(ValueError, match="unsupported diffusers UNet option resnet_time_scale_shift='spatial'"):
+    unet_config_from_diffusers(dict(base, resnet_time_scale_shift="spatial"))
+  assert unet_config_from_diffusers(base).resnet_time_scale_shift == "default"  # diffusers' default when absent
   apprentice = unet_config_from_diffusers(base, num_neighbors=3, neighbor_token_resolutions=(8,),
                                           neighbor_attn_resolutions=(8,))
   assert apprentice.num_neighbors == 3 and apprentice.image_size == 16

@@ -10,6 +10,7 @@ from flax import nnx
 
 from suti.config import load_config
 from suti.models.embeddings import timestep_features
+from suti.models.resnet import ResnetBlock2D
 from suti.models.unet import UNet, count_params
 from suti.models.unet_config import UNetConfig
 
@@ -91,6 +92,32 @@ def test_forward_shape_dtype_and_parameter_names():
   assert not any("neighbor" in p for p in paths)
 
 
+def test_scale_shift_doubles_time_projection_only():
+  scale_shift = count_params(tiny_config(resnet_time_scale_shift="scale_shift"))
+  default = count_params(tiny_config(resnet_time_scale_shift="default"))
+  # Every ResBlock's time_emb_proj grows from temb -> C to temb -> 2C: (temb + 1) * C more parameters each.
+  # ResBlock widths of the tiny UNet (16, 32; one layer per level): down 16, 32; mid 32, 32; up 32 x2, 16 x2.
+  widths = [16, 32] + [32, 32] + [32, 32, 16, 16]
+  assert scale_shift["total"] - default["total"] == (64 + 1) * sum(widths)
+  assert scale_shift["conv_in"] == default["conv_in"] and scale_shift["time_embedding"] == default["time_embedding"]
+
+
+def test_scale_shift_takes_scale_from_the_first_half():
+  block = ResnetBlock2D(4, 8, 6, groups=2, eps=1e-5, time_scale_shift="scale_shift", dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+  assert block.time_emb_proj.kernel.shape == (6, 16)
+  block.time_emb_proj.kernel[...] = jnp.zeros((6, 16))
+  # scale = -1 cancels the normalised map and shift = 0 leaves silu(0) = 0: the residual branch is conv2(0).
+  block.time_emb_proj.bias[...] = jnp.concatenate([-jnp.ones(8), jnp.zeros(8)])
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 4)), jnp.float32)
+  temb = jnp.ones((2, 6))
+  want = block.conv_shortcut(x) + block.conv2.bias[...]
+  np.testing.assert_allclose(np.asarray(block(x, temb)), np.asarray(want), rtol=0, atol=1e-6)
+  # scale = 0, shift = 0: plain norm2 without time conditioning, which depends on x.
+  block.time_emb_proj.bias[...] = jnp.zeros(16)
+  assert np.abs(np.asarray(block(x, temb) - want)).max() > 1e-2
+
+
 def test_context_mask_hides_padded_tokens():
   cfg = tiny_config()
   run = jitted(UNet(cfg, rngs=nnx.Rngs(0)))
@@ -153,3 +180,5 @@ def test_config_errors_name_the_key():
     tiny_config(num_neighbors=2, neighbor_attn_resolutions=(5,))
   with pytest.raises(ValueError, match="down_block_types"):
     tiny_config(down_block_types=("DownBlock2D",) * 3)
+  with pytest.raises(ValueError, match="model.resnet_time_scale_shift must be one of"):
+    tiny_config(resnet_time_scale_shift="spatial")

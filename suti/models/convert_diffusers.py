@@ -18,7 +18,7 @@ from flax import nnx
 
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
-from suti.models.unet_config import UNetConfig
+from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
 
 _SEGMENT_RENAMES = (  # (ours, diffusers) path segments
     (("ff", "proj_in"), ("ff", "net", "0", "proj")),
@@ -31,7 +31,7 @@ _UNSUPPORTED_DEFAULTS = {
     "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "dual_cross_attention": False, "only_cross_attention": False, "act_fn": "silu", "downsample_padding": 1,
     "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0, "attention_type": "default",
     "reverse_transformer_layers_per_block": None, "class_embeddings_concat": False,
@@ -162,6 +162,10 @@ def unet_config_from_diffusers(config_json: Mapping[str, Any] | str, **overrides
     is_off = value == off or (isinstance(value, (list, tuple)) and all(v == off for v in value))
     if not is_off:
       raise ValueError(f"unsupported diffusers UNet option {key}={value!r} (only {off!r} is implemented)")
+  scale_shift = cfg.get("resnet_time_scale_shift", "default")
+  if scale_shift not in RESNET_TIME_SCALE_SHIFTS:
+    raise ValueError(f"unsupported diffusers UNet option resnet_time_scale_shift={scale_shift!r} "
+                     f"(implemented: {', '.join(RESNET_TIME_SCALE_SHIFTS)})")
   for key in ("norm_num_groups", "mid_block_type"):
     if key in cfg and cfg[key] is None:
       raise ValueError(f"unsupported diffusers UNet option {key}=None")
@@ -196,6 +200,7 @@ def unet_config_from_diffusers(config_json: Mapping[str, Any] | str, **overrides
       transformer_layers_per_block=tuple(tlayers) if isinstance(tlayers, (list, tuple)) else tlayers,
       norm_num_groups=cfg.get("norm_num_groups", 32),
       norm_eps=cfg.get("norm_eps", 1e-5),
+      resnet_time_scale_shift=scale_shift,
       use_linear_projection=cfg.get("use_linear_projection", False),
       flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
       freq_shift=cfg.get("freq_shift", 0),

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from suti.models.layers import conv, linear, ones_init, zeros_init
+from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS
 
 
 class GroupNorm(nnx.Module):
@@ -34,13 +35,21 @@ def conv3x3(in_ch: int, out_ch: int, *, stride: int = 1, dtype: jnp.dtype, rngs:
 
 
 class ResnetBlock2D(nnx.Module):
-  """GroupNorm-SiLU-Conv twice, the time embedding added in between, 1x1 shortcut when widths differ."""
+  """GroupNorm-SiLU-Conv twice with the time embedding in between, 1x1 shortcut when widths differ.
 
-  def __init__(self, in_ch: int, out_ch: int, temb_dim: int, *, groups: int, eps: float, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  time_scale_shift (diffusers' `resnet_time_scale_shift`): "default" adds the projected time embedding before
+  norm2; "scale_shift" (Imagen / improved DDPM) projects it to 2*C and modulates the normalised map,
+  norm2(h) * (1 + scale) + shift, scale being the first half.
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, temb_dim: int, *, groups: int, eps: float,
+               time_scale_shift: str = "default", dtype: jnp.dtype, rngs: nnx.Rngs):
+    if time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
+      raise ValueError(f"time_scale_shift must be one of {RESNET_TIME_SCALE_SHIFTS}, got {time_scale_shift!r}")
+    self.scale_shift = time_scale_shift == "scale_shift"
     self.norm1 = GroupNorm(groups, in_ch, eps=eps, dtype=dtype)
     self.conv1 = conv3x3(in_ch, out_ch, dtype=dtype, rngs=rngs)
-    self.time_emb_proj = linear(temb_dim, out_ch, dtype=dtype, rngs=rngs)
+    self.time_emb_proj = linear(temb_dim, 2 * out_ch if self.scale_shift else out_ch, dtype=dtype, rngs=rngs)
     self.norm2 = GroupNorm(groups, out_ch, eps=eps, dtype=dtype)
     self.conv2 = conv3x3(out_ch, out_ch, dtype=dtype, rngs=rngs)
     self.conv_shortcut = (conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs)
@@ -49,8 +58,13 @@ class ResnetBlock2D(nnx.Module):
   def __call__(self, x: jax.Array, temb_act: jax.Array) -> jax.Array:
     """x [B,H,W,Cin]; temb_act = SiLU(time embedding) [B,T], computed once per UNet call."""
     h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = h + self.time_emb_proj(temb_act)[:, None, None, :]
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    temb = self.time_emb_proj(temb_act)[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(temb, 2, axis=-1)
+      h = self.norm2(h) * (1 + scale) + shift
+    else:
+      h = self.norm2(h + temb)
+    h = self.conv2(jax.nn.silu(h))
     shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
     return shortcut + h
 

@@ -34,7 +34,7 @@ class UNet(nnx.Module):
     heads = config.heads_per_level
     tlayers = config.transformer_layers_per_level
     common = dict(context_dim=config.cross_attention_dim, groups=config.norm_num_groups, eps=config.norm_eps,
-                  dtype=dtype, rngs=rngs)
+                  time_scale_shift=config.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
     token_dim = config.neighbor_token_dim if config.num_neighbors > 0 else None
 
     self.conv_in = conv3x3(config.in_channels, ch[0], dtype=dtype, rngs=rngs)

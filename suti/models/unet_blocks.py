@@ -19,10 +19,10 @@ class DownBlock(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, temb_dim: int, *, num_layers: int, with_attention: bool,
                add_downsample: bool, heads: int, context_dim: int, transformer_layers: int, groups: int,
-               eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+               eps: float, time_scale_shift: str, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.resnets = nnx.List([
-        ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_dim, groups=groups, eps=eps, dtype=dtype,
-                      rngs=rngs) for i in range(num_layers)
+        ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_dim, groups=groups, eps=eps,
+                      time_scale_shift=time_scale_shift, dtype=dtype, rngs=rngs) for i in range(num_layers)
     ])
     self.attentions = nnx.List([
         Transformer2DModel(out_ch, heads, context_dim, num_layers=transformer_layers, groups=groups, dtype=dtype,
@@ -48,10 +48,11 @@ class MidBlock(nnx.Module):
   """ResNet, spatial transformer, [neighbor attention], ResNet."""
 
   def __init__(self, channels: int, temb_dim: int, *, heads: int, context_dim: int, transformer_layers: int,
-               groups: int, eps: float, neighbor_token_dim: int | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+               groups: int, eps: float, time_scale_shift: str, neighbor_token_dim: int | None, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     self.resnets = nnx.List([
-        ResnetBlock2D(channels, channels, temb_dim, groups=groups, eps=eps, dtype=dtype, rngs=rngs)
-        for _ in range(2)
+        ResnetBlock2D(channels, channels, temb_dim, groups=groups, eps=eps, time_scale_shift=time_scale_shift,
+                      dtype=dtype, rngs=rngs) for _ in range(2)
     ])
     self.attentions = nnx.List([
         Transformer2DModel(channels, heads, context_dim, num_layers=transformer_layers, groups=groups,
@@ -76,13 +77,14 @@ class UpBlock(nnx.Module):
 
   def __init__(self, in_ch: int, prev_out_ch: int, out_ch: int, temb_dim: int, *, num_layers: int,
                with_attention: bool, add_upsample: bool, heads: int, context_dim: int, transformer_layers: int,
-               groups: int, eps: float, neighbor_token_dim: int | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+               groups: int, eps: float, time_scale_shift: str, neighbor_token_dim: int | None, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     resnets = []
     for i in range(num_layers):
       skip_ch = in_ch if i == num_layers - 1 else out_ch
       resnet_in = prev_out_ch if i == 0 else out_ch
-      resnets.append(ResnetBlock2D(resnet_in + skip_ch, out_ch, temb_dim, groups=groups, eps=eps, dtype=dtype,
-                                   rngs=rngs))
+      resnets.append(ResnetBlock2D(resnet_in + skip_ch, out_ch, temb_dim, groups=groups, eps=eps,
+                                   time_scale_shift=time_scale_shift, dtype=dtype, rngs=rngs))
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List([
         Transformer2DModel(out_ch, heads, context_dim, num_layers=transformer_layers, groups=groups, dtype=dtype,

@@ -9,6 +9,7 @@ DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 DTYPES = ("float32", "bfloat16", "float16")
+RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class UNetConfig:
   transformer_layers_per_block: int | tuple[int, ...]
   norm_num_groups: int
   norm_eps: float
+  resnet_time_scale_shift: str  # "default": add the time embedding; "scale_shift": norm2(h) * (1 + s) + b
   use_linear_projection: bool
   flip_sin_to_cos: bool
   freq_shift: int
@@ -117,6 +119,9 @@ class UNetConfig:
         raise ValueError(f"model.up_block_types: unsupported block {t!r}; expected one of {UP_BLOCK_TYPES}")
     if self.mid_block_type not in MID_BLOCK_TYPES:
       raise ValueError(f"model.mid_block_type: unsupported {self.mid_block_type!r}; expected {MID_BLOCK_TYPES}")
+    if self.resnet_time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
+      raise ValueError(f"model.resnet_time_scale_shift must be one of {RESNET_TIME_SCALE_SHIFTS}, "
+                       f"got {self.resnet_time_scale_shift!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.layers_per_block < 1:
