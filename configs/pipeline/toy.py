@@ -26,9 +26,9 @@ def get_config() -> mlc.ConfigDict:
   c.clip.model_name = "toy-ViT-32"
   c.clip.checkpoint = "checkpoints/toy_clip/open_clip_model.safetensors"
   c.clip.batch_size = 256
-  c.clip.near_dup_threshold = 0.98
-  c.clip.outlier_threshold = 0.5
-  c.clip.cluster_threshold = 0.6
+  c.clip.near_dup_threshold = 0.99
+  c.clip.outlier_threshold = 0.82
+  c.clip.cluster_threshold = 0.82
   c.clip.max_outlier_fraction = 0.5
 
   c.captions = mlc.ConfigDict()
