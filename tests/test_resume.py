@@ -56,24 +56,33 @@ def _kill_mid_stage(cmd: list[str], out: str, stage: str, total: int) -> int:
   return done
 
 
-@pytest.mark.parametrize("stage", ["cluster_map", "captions"])
-def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tmp_path, stage):
-  web = str(tmp_path / "web")
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+  """A toy web and its uninterrupted run (shared by both kill points)."""
+  root = tmp_path_factory.mktemp("resume")
+  web, clean = str(root / "web"), str(root / "clean")
   write_toyweb(web, 60, seed=11, image_size=16, shard_size=15)
   stages = _stages()
-  if stage == "captions" and "clip_filter" in stages:
-    stage = "clip_filter"  # the slowest bucket stage: the likeliest to be caught mid-way
-  total = len(glob.glob(os.path.join(web, "*.tar"))) if stage == "cluster_map" else 24
-  clean, resumed = str(tmp_path / "clean"), str(tmp_path / "resumed")
   env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run(_command(web, clean, stages), cwd=ROOT, env=env, check=True, capture_output=True)
+  return web, stages, _files(clean)
+
+
+@pytest.mark.parametrize("stage", ["cluster_map", "bucket_stage"])
+def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(clean_run, tmp_path, stage):
+  web, stages, expected = clean_run
+  if stage == "bucket_stage":  # the slowest bucket stage: the likeliest to be caught mid-way
+    stage = "clip_filter" if "clip_filter" in stages else "captions"
+  total = len(glob.glob(os.path.join(web, "*.tar"))) if stage == "cluster_map" else 24
+  resumed = str(tmp_path / "resumed")
+  env = dict(os.environ, PYTHONPATH=ROOT)
 
   done = _kill_mid_stage(_command(web, resumed, stages), resumed, stage, total)
   assert 0 < done < total, f"the run was not caught in the middle of {stage} ({done}/{total} tasks)"
   assert not os.path.exists(os.path.join(resumed, "stats.json"))
   subprocess.run(_command(web, resumed, stages), cwd=ROOT, env=env, check=True, capture_output=True)
 
-  expected, got = _files(clean), _files(resumed)
+  got = _files(resumed)
   assert sorted(got) == sorted(expected)  # no file missing, none extra (no temporaries)
   assert got == expected
   assert not [p for p in glob.glob(os.path.join(resumed, "**", "*"), recursive=True) if ".tmp-" in p]
