@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from suti.models.layers import layer_norm, linear, normal_init
 from suti.models.t5 import activation
 
 
@@ -50,14 +51,14 @@ class CLIPTextConfig:
 class CLIPTextLayer(nnx.Module):
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
     width, dtype = config.hidden_size, jnp.dtype(config.dtype)
-    linear = lambda d_in, d_out: nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs)
+    dense = lambda d_in, d_out: linear(d_in, d_out, dtype=dtype, rngs=rngs)
     self.num_heads = config.num_attention_heads
-    self.layer_norm1 = nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj = linear(width, width), linear(width, width), linear(width, width)
-    self.out_proj = linear(width, width)
-    self.layer_norm2 = nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-    self.fc1 = linear(width, config.intermediate_size)
-    self.fc2 = linear(config.intermediate_size, width)
+    self.layer_norm1 = layer_norm(width, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj = dense(width, width), dense(width, width), dense(width, width)
+    self.out_proj = dense(width, width)
+    self.layer_norm2 = layer_norm(width, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.fc1 = dense(width, config.intermediate_size)
+    self.fc2 = dense(config.intermediate_size, width)
     self.act = config.hidden_act
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -81,11 +82,11 @@ class CLIPTextTransformer(nnx.Module):
     self.config = config
     dtype = jnp.dtype(config.dtype)
     self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                     embedding_init=normal_init(0.02), rngs=rngs)
     self.position_embedding = nnx.Param(
-        nnx.initializers.normal(0.01)(rngs.params(), (config.max_position_embeddings, config.hidden_size)))
+        normal_init(0.01)(rngs.params(), (config.max_position_embeddings, config.hidden_size)))
     self.layers = nnx.List([CLIPTextLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
-    self.final_layer_norm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.final_layer_norm = layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
   @property
   def width(self) -> int:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from suti.models.layers import linear, normal_init, ones_init
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -94,7 +96,7 @@ class T5RMSNorm(nnx.Module):
   """x / sqrt(mean(x^2) + eps) * weight, statistics in float32."""
 
   def __init__(self, dim: int, eps: float):
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.weight = nnx.Param(ones_init(None, (dim,)))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,8 +106,8 @@ class T5RMSNorm(nnx.Module):
 
 
 def _linear(d_in: int, d_out: int, config: T5EncoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(config.dtype),
-                    kernel_init=nnx.initializers.normal(d_in ** -0.5), rngs=rngs)
+  # N(0, 1/d_in) kernels (fan-in normal), no bias, as T5 initialises them.
+  return linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 
 class T5Layer(nnx.Module):
@@ -149,9 +151,9 @@ class T5Encoder(nnx.Module):
   def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=jnp.dtype(config.dtype),
-                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                           embedding_init=normal_init(1.0), rngs=rngs)
     self.relative_attention_bias = nnx.Param(
-        nnx.initializers.normal(1.0)(rngs.params(), (config.relative_attention_num_buckets, config.num_heads)))
+        normal_init(1.0)(rngs.params(), (config.relative_attention_num_buckets, config.num_heads)))
     self.layers = nnx.List([T5Layer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = T5RMSNorm(config.d_model, config.layer_norm_epsilon)
 

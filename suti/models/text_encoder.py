@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from suti.models.clip_text import CLIPTextTransformer
+from suti.models.layers import layer_norm, linear, normal_init
 from suti.models.t5 import T5Encoder
 from suti.models.tokenizer import ByteTokenizer, HFTokenizer, find_hf_tokenizer_folder
 
@@ -67,12 +68,12 @@ class TransformerLayer(nnx.Module):
   def __init__(self, config: TextEncoderConfig, *, rngs: nnx.Rngs):
     width, dtype = config.width, jnp.dtype(config.dtype)
     self.heads = config.heads
-    self.attention_norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(width, config.mlp_ratio * width, dtype=dtype, rngs=rngs)
-    self.mlp_out = nnx.Linear(config.mlp_ratio * width, width, dtype=dtype, rngs=rngs)
+    self.attention_norm = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.qkv = linear(width, 3 * width, dtype=dtype, rngs=rngs)
+    self.out = linear(width, width, dtype=dtype, rngs=rngs)
+    self.mlp_norm = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.mlp_in = linear(width, config.mlp_ratio * width, dtype=dtype, rngs=rngs)
+    self.mlp_out = linear(config.mlp_ratio * width, width, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     batch, length, width = x.shape
@@ -94,10 +95,10 @@ class TextEncoder(nnx.Module):
     self.tokenizer = ByteTokenizer()
     dtype = jnp.dtype(config.dtype)
     self.token_embedding = nnx.Embed(self.tokenizer.vocab_size, config.width, dtype=dtype,
-                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.position_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.max_length, config.width)))
+                                     embedding_init=normal_init(0.02), rngs=rngs)
+    self.position_embedding = nnx.Param(normal_init(0.02)(rngs.params(), (config.max_length, config.width)))
     self.layers = nnx.List([TransformerLayer(config, rngs=rngs) for _ in range(config.layers)])
-    self.final_norm = nnx.LayerNorm(config.width, dtype=dtype, rngs=rngs)
+    self.final_norm = layer_norm(config.width, dtype=dtype, rngs=rngs)
 
   @property
   def width(self) -> int:
