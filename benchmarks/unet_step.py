@@ -38,7 +38,8 @@ def diffusers_kwargs(c: UNetConfig) -> dict:
               cross_attention_dim=c.cross_attention_dim, norm_num_groups=c.norm_num_groups,
               norm_eps=c.norm_eps, use_linear_projection=c.use_linear_projection,
               flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
-              transformer_layers_per_block=c.transformer_layers_per_block)
+              transformer_layers_per_block=c.transformer_layers_per_block,
+              resnet_time_scale_shift=c.resnet_time_scale_shift)
 
 
 def _timed(fn, steps: int, warmup: int) -> float:
