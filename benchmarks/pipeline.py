@@ -37,7 +37,7 @@ def _outputs(out: str) -> dict[str, bytes]:
   return files
 
 
-def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 3) -> dict:
+def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 5) -> dict:
   """Steady-state CLIP stage throughput (warm model) against raw encoding of the same images."""
   registry = stages.default_registry()
   planned = dict((s.name, (s, t)) for s, t in stages.plan(config, layout, registry))

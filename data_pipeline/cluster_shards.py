@@ -6,9 +6,10 @@
   <cid>.meta.json                            cluster_id, page_url, source_keys (image order), clip stats, ...
 
 The pipeline's intermediate cluster shards (under <output>/work/) hold the same records "packed": per
-cluster one `<cid>.pixels.bin` (the raw uint8 pixels of all images), `<cid>.packed.json` (captions and
-image shapes) and `<cid>.meta.json`. Three members per cluster and no PNG codec keep the CLIP stage
-bound by the model, not by tar parsing and decoding; PNG is written once, for the final shards.
+cluster one `<cid>.pixels.bin` (the raw uint8 pixels of all images) and `<cid>.meta.json` whose
+"packed" entry holds the captions, image shapes and prompts. Two members per cluster and no PNG codec
+keep the CLIP stage bound by the model, not by tar parsing and decoding; PNG is written once, for the
+final shards.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from PIL import Image
 from data_pipeline import shard_io
 
 _MEMBER = re.compile(
-    r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json|pixels\.bin|packed\.json)$")
+    r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json|pixels\.bin)$")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -77,18 +78,19 @@ class ClusterRecord:
   def members(self, packed: bool = False) -> list[tuple[str, bytes]]:
     cid = self.cluster_id
     out = []
+    meta = self.meta_json()
     if packed:
       pixels = b"".join(np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in self.images)
       out.append((f"{cid}.pixels.bin", pixels))
-      packed_info = {"captions": self.captions, "shapes": [list(img.shape) for img in self.images]}
-      out.append((f"{cid}.packed.json", json.dumps(packed_info, sort_keys=True).encode("utf-8")))
+      meta["packed"] = {"captions": self.captions, "shapes": [list(img.shape) for img in self.images],
+                        "prompts": self.prompts}
     else:
       for i, (image, caption) in enumerate(zip(self.images, self.captions)):
         out.append((f"{cid}.img_{i}.png", encode_png(image)))
         out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
-    if self.prompts is not None:
-      out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
-    out.append((f"{cid}.meta.json", json.dumps(self.meta_json(), sort_keys=True).encode("utf-8")))
+      if self.prompts is not None:
+        out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
+    out.append((f"{cid}.meta.json", json.dumps(meta, sort_keys=True).encode("utf-8")))
     return out
 
 
@@ -121,14 +123,15 @@ def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> Cluste
   n = int(meta["num_images"])
   try:
     if "pixels.bin" in parts:
-      info = json.loads(parts["packed.json"])
+      info = meta.pop("packed")
       images, captions = _unpack_pixels(parts["pixels.bin"], info["shapes"]), list(info["captions"])
+      prompts = info["prompts"]
     else:
       images = [decode_png(parts[f"img_{i}.png"]) for i in range(n)]
       captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
+      prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
   except KeyError as e:
     raise ValueError(f"{path}: cluster {key} lacks {e.args[0]}") from None
-  prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
   extra = {k: v for k, v in meta.items() if k not in ("cluster_id", "page_url", "source_keys", "num_images")}
   return ClusterRecord(meta["cluster_id"], meta["page_url"], images, captions, list(meta["source_keys"]),
                        extra, prompts)
