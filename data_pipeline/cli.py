@@ -49,13 +49,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   return parser
 
 
-def _layout(args) -> "object":
+def _layout(args: argparse.Namespace) -> "stages.RunLayout":
   from data_pipeline import sources, stages
   shards = tuple(os.path.abspath(p) for p in sources.list_shards(args.input))
   return stages.RunLayout(shards, os.path.abspath(args.output))
 
 
-def cmd_run(args, overrides) -> int:
+def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   from data_pipeline import stages
   config = config_lib.load_config(args.config, overrides)
   layout = _layout(args)
@@ -76,7 +76,7 @@ def cmd_run(args, overrides) -> int:
   return 0
 
 
-def cmd_calibrate(args, overrides) -> int:
+def cmd_calibrate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   from data_pipeline import calibrate
   config = config_lib.load_config(args.config, overrides)
   cal = calibrate.calibrate(config, args.input, args.max_samples)

@@ -2,7 +2,6 @@
 import collections
 import glob
 import hashlib
-import io
 import json
 import os
 import tarfile

@@ -5,7 +5,6 @@ import glob
 import io
 import json
 import os
-import shutil
 import tarfile
 
 import numpy as np
