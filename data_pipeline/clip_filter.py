@@ -49,47 +49,53 @@ def _mean_pairwise(sim: np.ndarray) -> float:
 
 def filter_cluster(embeddings: np.ndarray, cfg: FilterConfig) -> FilterDecision:
   """Applies near-dup removal, outlier removal and the coherence test to one cluster's embeddings."""
-  sim = embeddings @ embeddings.T
+  sim = np.asarray(embeddings @ embeddings.T, np.float64)
+  n = sim.shape[0]
   decision = FilterDecision(keep=[])
-  for i in range(sim.shape[0]):
+  for i in range(n):
     if decision.keep and sim[i, decision.keep].max() >= cfg.near_dup_threshold:
       decision.dropped["near_duplicate"] += 1
     else:
       decision.keep.append(i)
   after_dedup = len(decision.keep)
-  keep = list(decision.keep)
+  keep = np.array(decision.keep)
+  sub = sim[np.ix_(keep, keep)]
+  row_sums = sub.sum(axis=1) - np.diag(sub)  # each image's summed cosine to the others
   outliers = 0
   while len(keep) >= 3:
-    sub = sim[np.ix_(keep, keep)]
-    mean_to_others = (sub.sum(axis=1) - np.diag(sub)) / (len(keep) - 1)
+    mean_to_others = row_sums / (len(keep) - 1)
     worst = int(np.argmin(mean_to_others))
     if mean_to_others[worst] >= cfg.outlier_threshold:
       break
-    keep.pop(worst)
+    row_sums = np.delete(row_sums - sub[:, worst], worst)
+    sub = np.delete(np.delete(sub, worst, 0), worst, 1)
+    keep = np.delete(keep, worst)
     outliers += 1
-  coherence = _mean_pairwise(sim[np.ix_(keep, keep)])
+  m = len(keep)
+  coherence = float(row_sums.sum() / (m * (m - 1))) if m >= 2 else 1.0
   decision.stats = {
       "mean_pairwise_cosine": round(coherence, 4),
-      "min_pairwise_cosine": round(float(sim[np.ix_(keep, keep)].min()), 4) if keep else None,
+      "min_pairwise_cosine": round(float((sub + 2 * np.eye(m)).min()), 4) if m >= 2 else None,
       "mean_pairwise_cosine_before": round(_mean_pairwise(sim), 4),
-      "near_duplicates_removed": sim.shape[0] - after_dedup,
+      "near_duplicates_removed": n - after_dedup,
       "outliers_removed": outliers,
+      "per_image_mean_cosine": [round(float(x), 4) for x in row_sums / max(m - 1, 1)],
   }
   if outliers:
     decision.dropped["outlier"] += outliers
   if outliers > cfg.max_outlier_fraction * after_dedup:
     reason = "incoherent_cluster"
-  elif len(keep) < cfg.min_size:
+  elif m < cfg.min_size:
     reason = "too_small_after_filter"
   elif coherence < cfg.cluster_threshold:
     reason = "incoherent_cluster"
   else:
     reason = None
   if reason is not None:
-    decision.dropped[reason] += len(keep)
+    decision.dropped[reason] += m
     decision.keep = []
   else:
-    decision.keep = keep
+    decision.keep = [int(i) for i in keep]
     decision.cluster_kept = True
   return decision
 
@@ -162,20 +168,13 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
     meta = dict(record.meta)
     if "image_urls" in meta:
       meta["image_urls"] = [meta["image_urls"][i] for i in k]
-    meta["clip"] = {**decision.stats, "model": ctx.config.clip.model_name,
-                    "per_image_mean_cosine": [round(float(x), 4) for x in _per_image_mean(embeddings[start - n:start][k])]}
+    meta["clip"] = {**decision.stats, "model": ctx.config.clip.model_name}
     kept_records.append(record.select(k, meta))
   result.counters["clusters_after_clip"] += len(kept_records)
   if kept_records:
     cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)),
                                        kept_records, packed=True)
   return result
-
-
-def _per_image_mean(emb: np.ndarray) -> np.ndarray:
-  sim = emb @ emb.T
-  n = sim.shape[0]
-  return (sim.sum(axis=1) - np.diag(sim)) / max(n - 1, 1)
 
 
 STAGE = Stage("clip_filter", "clusters", "clusters", "work/clip_filter", ("clip_filter",), run,

@@ -5,11 +5,11 @@
   <cid>.prompts.json                         [{"prompt": ..., "skill": ...}, ...] (after the captions stage)
   <cid>.meta.json                            cluster_id, page_url, source_keys (image order), clip stats, ...
 
-The pipeline's intermediate cluster shards (under <output>/work/) hold the same records "packed": per
-cluster one `<cid>.pixels.bin` (the raw uint8 pixels of all images) and `<cid>.meta.json` whose
-"packed" entry holds the captions, image shapes and prompts. Two members per cluster and no PNG codec
-keep the CLIP stage bound by the model, not by tar parsing and decoding; PNG is written once, for the
-final shards.
+The pipeline's intermediate cluster shards (under <output>/work/) hold the same records "packed": two
+members per shard, `shard.index.json` (each cluster's meta.json plus its captions, image shapes and
+prompts) and `shard.pixels.bin` (the raw uint8 pixels of all images, in order). No per-image members
+and no PNG codec keep the CLIP stage bound by the model, not by tar parsing and decoding; PNG is
+written once, for the final shards.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from PIL import Image
 
 from data_pipeline import shard_io
 
-_MEMBER = re.compile(
-    r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json|pixels\.bin)$")
+_MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json)$")
+PACKED_INDEX, PACKED_PIXELS = "shard.index.json", "shard.pixels.bin"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -75,45 +75,54 @@ class ClusterRecord:
     return {**self.meta, "cluster_id": self.cluster_id, "page_url": self.page_url,
             "source_keys": list(self.source_keys), "num_images": len(self.images)}
 
-  def members(self, packed: bool = False) -> list[tuple[str, bytes]]:
+  def members(self) -> list[tuple[str, bytes]]:
+    """The webdataset members of this cluster in the DESIGN.md format."""
     cid = self.cluster_id
     out = []
-    meta = self.meta_json()
-    if packed:
-      pixels = b"".join(np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in self.images)
-      out.append((f"{cid}.pixels.bin", pixels))
-      meta["packed"] = {"captions": self.captions, "shapes": [list(img.shape) for img in self.images],
-                        "prompts": self.prompts}
-    else:
-      for i, (image, caption) in enumerate(zip(self.images, self.captions)):
-        out.append((f"{cid}.img_{i}.png", encode_png(image)))
-        out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
-      if self.prompts is not None:
-        out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
-    out.append((f"{cid}.meta.json", json.dumps(meta, sort_keys=True).encode("utf-8")))
+    for i, (image, caption) in enumerate(zip(self.images, self.captions)):
+      out.append((f"{cid}.img_{i}.png", encode_png(image)))
+      out.append((f"{cid}.img_{i}.txt", caption.encode("utf-8")))
+    if self.prompts is not None:
+      out.append((f"{cid}.prompts.json", json.dumps(self.prompts, sort_keys=True).encode("utf-8")))
+    out.append((f"{cid}.meta.json", json.dumps(self.meta_json(), sort_keys=True).encode("utf-8")))
     return out
 
 
 def write_cluster_shard(path: str, records: Iterable[ClusterRecord], packed: bool = False) -> int:
   """Writes records (in the given order) to one tar atomically; returns how many. `packed` for the
   pipeline's intermediate shards, PNG members (the DESIGN.md format) otherwise."""
-  members, count = [], 0
-  for record in records:
-    members.extend(record.members(packed))
-    count += 1
-  shard_io.write_tar(path, members)
-  return count
+  records = list(records)
+  if packed:
+    index = [{**r.meta_json(), "packed": {"captions": r.captions, "shapes": [list(i.shape) for i in r.images],
+                                          "prompts": r.prompts}} for r in records]
+    pixels = b"".join(np.ascontiguousarray(i, dtype=np.uint8).tobytes() for r in records for i in r.images)
+    shard_io.write_tar(path, [(PACKED_INDEX, json.dumps(index, sort_keys=True).encode("utf-8")),
+                              (PACKED_PIXELS, pixels)])
+  else:
+    shard_io.write_tar(path, [m for r in records for m in r.members()])
+  return len(records)
 
 
-def _unpack_pixels(data: bytes, shapes: list[list[int]]) -> list[np.ndarray]:
-  images, offset = [], 0
-  for shape in shapes:
-    size = int(np.prod(shape))
-    images.append(np.frombuffer(data, np.uint8, size, offset).reshape(shape))
-    offset += size
-  if offset != len(data):
-    raise ValueError(f"pixel data holds {len(data)} bytes, shapes need {offset}")
-  return images
+def _record(meta: dict, images: list[np.ndarray], captions: list[str], prompts: list | None) -> ClusterRecord:
+  extra = {k: v for k, v in meta.items() if k not in ("cluster_id", "page_url", "source_keys", "num_images")}
+  return ClusterRecord(meta["cluster_id"], meta["page_url"], images, captions, list(meta["source_keys"]),
+                       extra, prompts)
+
+
+def _read_packed(path: str, index_data: bytes, pixels: bytes) -> Iterator[ClusterRecord]:
+  offset = 0
+  for meta in json.loads(index_data):
+    info = meta.pop("packed")
+    images = []
+    for shape in info["shapes"]:
+      size = int(shape[0]) * int(shape[1]) * int(shape[2])
+      if offset + size > len(pixels):
+        raise ValueError(f"{path}: pixel data ends early")
+      images.append(np.frombuffer(pixels, np.uint8, size, offset).reshape(shape))
+      offset += size
+    yield _record(meta, images, list(info["captions"]), info["prompts"])
+  if offset != len(pixels):
+    raise ValueError(f"{path}: {len(pixels) - offset} bytes of pixel data belong to no image")
 
 
 def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> ClusterRecord:
@@ -122,25 +131,25 @@ def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> Cluste
   meta = json.loads(parts["meta.json"])
   n = int(meta["num_images"])
   try:
-    if "pixels.bin" in parts:
-      info = meta.pop("packed")
-      images, captions = _unpack_pixels(parts["pixels.bin"], info["shapes"]), list(info["captions"])
-      prompts = info["prompts"]
-    else:
-      images = [decode_png(parts[f"img_{i}.png"]) for i in range(n)]
-      captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
-      prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
+    images = [decode_png(parts[f"img_{i}.png"]) for i in range(n)]
+    captions = [parts[f"img_{i}.txt"].decode("utf-8") for i in range(n)]
   except KeyError as e:
     raise ValueError(f"{path}: cluster {key} lacks {e.args[0]}") from None
-  extra = {k: v for k, v in meta.items() if k not in ("cluster_id", "page_url", "source_keys", "num_images")}
-  return ClusterRecord(meta["cluster_id"], meta["page_url"], images, captions, list(meta["source_keys"]),
-                       extra, prompts)
+  prompts = json.loads(parts["prompts.json"]) if "prompts.json" in parts else None
+  return _record(meta, images, captions, prompts)
 
 
 def read_cluster_shard(path: str) -> Iterator[ClusterRecord]:
   """Reads the clusters of one shard (packed or not) in file order."""
   key, parts = None, {}
-  for name, data in shard_io.read_tar(path):
+  members = shard_io.read_tar(path)
+  for name, data in members:
+    if name == PACKED_INDEX:
+      pixels_name, pixels = next(members, (None, b""))
+      if pixels_name != PACKED_PIXELS:
+        raise ValueError(f"{path}: {PACKED_INDEX} not followed by {PACKED_PIXELS}")
+      yield from _read_packed(path, data, pixels)
+      return
     match = _MEMBER.match(name)
     if match is None:
       raise ValueError(f"{path}: unexpected member {name!r}")

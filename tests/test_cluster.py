@@ -128,7 +128,7 @@ def test_cluster_shard_round_trip(tmp_path, packed):
   assert back == [record, other]
   with tarfile.open(path) as tar:
     names = tar.getnames()
-  expected = (["abc123.pixels.bin", "abc123.meta.json"] if packed else
+  expected = (["shard.index.json", "shard.pixels.bin"] if packed else
               ["abc123.img_0.png", "abc123.img_0.txt", "abc123.img_1.png", "abc123.img_1.txt"])
   assert names[:len(expected)] == expected
   assert record.select([1]).images[0] is images[1]
