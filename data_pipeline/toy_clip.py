@@ -356,12 +356,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description="Train the toy CLIP on toy-world pairs.")
-  add_arguments(parser)
-  try:
-    return run(parser.parse_args(argv))
-  except ValueError as e:
-    parser.exit(2, f"error: {e}\n")
+  """`python -m data_pipeline.toy_clip` = `suti data train-clip`."""
+  import sys
+
+  from data_pipeline import cli
+  from suti.cli import run_user_command
+
+  args = sys.argv[1:] if argv is None else argv
+  return run_user_command(cli.main, ["train-clip", *args], "suti data train-clip")
 
 
 if __name__ == "__main__":

@@ -305,12 +305,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  add_arguments(parser)
-  try:
-    return run(parser.parse_args(argv))
-  except ValueError as e:
-    parser.exit(2, f"error: {e}\n")
+  """`python -m data_pipeline.toyweb` = `suti data toyweb`."""
+  import sys
+
+  from data_pipeline import cli
+  from suti.cli import run_user_command
+
+  args = sys.argv[1:] if argv is None else argv
+  return run_user_command(cli.main, ["toyweb", *args], "suti data toyweb")
 
 
 if __name__ == "__main__":

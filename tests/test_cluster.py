@@ -14,6 +14,7 @@ from data_pipeline.runner_local import run_local
 from data_pipeline.stats import TaskResult
 from data_pipeline.toyweb import write_toyweb
 from suti.config import load_config
+from shared_fixtures import read_truth
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 
@@ -55,18 +56,6 @@ def toyweb(tmp_path_factory):
   return out
 
 
-def _truth(web: str) -> dict[str, dict]:
-  """key -> the toy ground truth, read from the shard JSON (tests only; the pipeline never reads it)."""
-  truth = {}
-  for path in sorted(glob.glob(os.path.join(web, "*.tar"))):
-    with tarfile.open(path) as tar:
-      for m in tar:
-        if m.name.endswith(".json"):
-          meta = json.loads(tar.extractfile(m).read())
-          truth[meta["key"]] = dict(meta["toy"], page_url=meta.get("page_url"))
-  return truth
-
-
 def _run_clustering(web: str, out: str, num_buckets: int) -> list[cluster_shards.ClusterRecord]:
   config = load_config(CONFIG, [("stages", "('cluster_map', 'cluster_reduce')"),
                                 ("cluster.num_buckets", str(num_buckets))])
@@ -79,7 +68,7 @@ def _run_clustering(web: str, out: str, num_buckets: int) -> list[cluster_shards
 
 def test_clusters_are_pages_and_every_page_with_three_images_is_found(toyweb, tmp_path):
   records, stats = _run_clustering(toyweb, str(tmp_path / "out"), num_buckets=4)
-  truth = _truth(toyweb)
+  truth = read_truth(toyweb)
   # Each cluster holds the images of exactly one page, whatever spelling or fallback led there.
   for r in records:
     assert len({truth[k]["page_id"] for k in r.source_keys}) == 1, r.page_url

@@ -1,5 +1,4 @@
 """Neighbor encoding and neighbor attention: exact base equivalence, masking, padding and caching."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -7,28 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from suti.config import load_config
 from suti.models.neighbors import NeighborTokens, is_neighbor_param
 from suti.models.unet import UNet, load_base_into_apprentice
 from suti.models.unet_config import UNetConfig
+from shared_fixtures import tiny_unet_config
 
 K_MAX = 4
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def tiny_config(**changes) -> UNetConfig:
-  m = load_config(os.path.join(CONFIGS, "toy.py")).model
-  m.image_size = 8  # two levels: 8x8 and 4x4 (mid block)
-  m.block_out_channels = (16, 32)
-  m.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
-  m.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
-  m.num_attention_heads = 2
-  m.cross_attention_dim = 16
-  m.norm_num_groups = 4
-  m.num_neighbors = K_MAX
-  m.neighbor_token_resolutions = (4, 8)  # the mid block map and a down-block map
-  m.neighbor_attn_resolutions = (4, 8)
-  return UNetConfig.from_config(m).replace(**changes)
+  """Tiny apprentice: tokens from the 4x4 mid-block map and the 8x8 down-block map."""
+  defaults = dict(num_neighbors=K_MAX, neighbor_token_resolutions=(4, 8), neighbor_attn_resolutions=(4, 8))
+  return tiny_unet_config(**{**defaults, **changes})
 
 
 def target_inputs(cfg: UNetConfig, batch: int = 2, seed: int = 0):

@@ -15,26 +15,10 @@ from data_pipeline.clip_filter import resolve_checkpoint
 from data_pipeline.runner_local import run_local
 from data_pipeline.toyweb import write_toyweb
 from suti.config import load_config
+from shared_fixtures import read_truth
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 NO_CLIP = [("stages", "('cluster_map', 'cluster_reduce', 'captions')")]
-
-
-def _need_clip():
-  if not os.path.exists(resolve_checkpoint(load_config(CONFIG).clip.checkpoint)):
-    pytest.skip("toy CLIP checkpoint not shipped yet")
-
-
-def read_truth(web: str) -> dict[str, dict]:
-  """key -> toy ground truth (tests only: the pipeline never reads the "toy" key)."""
-  truth = {}
-  for path in sorted(glob.glob(os.path.join(web, "*.tar"))):
-    with tarfile.open(path) as tar:
-      for m in tar:
-        if m.name.endswith(".json"):
-          meta = json.loads(tar.extractfile(m).read())
-          truth[meta["key"]] = meta["toy"]
-  return truth
 
 
 def read_clusters(out: str) -> list[cluster_shards.ClusterRecord]:
@@ -57,7 +41,6 @@ def toyweb(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def full_run(toyweb, tmp_path_factory):
-  _need_clip()
   out = str(tmp_path_factory.getbasetemp() / "pipeline_full_run")
   stats = run(toyweb, out)
   return out, stats
@@ -289,7 +272,6 @@ def test_cli_run_and_errors(toyweb, tmp_path, capsys):
 
 
 def test_calibrate_prints_distributions(toyweb, capsys):
-  _need_clip()
   assert cli.main(["calibrate", "--config", CONFIG, "--input", toyweb, "--max-samples", "300"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   report = json.loads(lines[-1])

@@ -13,6 +13,7 @@ from suti.models.embeddings import timestep_features
 from suti.models.resnet import ResnetBlock2D
 from suti.models.unet import UNet, count_params
 from suti.models.unet_config import UNetConfig
+from shared_fixtures import tiny_unet_config as tiny_config
 
 SD15_UNET_PARAMS = 859_520_964
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -20,19 +21,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def model_section(name: str):
   return load_config(os.path.join(CONFIGS, name)).model
-
-
-def tiny_config(**changes) -> UNetConfig:
-  m = model_section("toy.py")
-  m.image_size = 8
-  m.block_out_channels = (16, 32)
-  m.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
-  m.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
-  m.num_attention_heads = 2
-  m.cross_attention_dim = 16
-  m.norm_num_groups = 4
-  cfg = UNetConfig.from_config(m)
-  return cfg.replace(**changes)
 
 
 def inputs(cfg: UNetConfig, batch: int = 2, seed: int = 0):

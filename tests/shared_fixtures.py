@@ -1,0 +1,36 @@
+"""Helpers shared by several test files (imported as a plain module: pytest puts tests/ on sys.path)."""
+import glob
+import json
+import os
+import tarfile
+
+from suti.config import load_config
+from suti.models.unet_config import UNetConfig
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def tiny_unet_config(**changes) -> UNetConfig:
+  """The toy UNet shrunk to two levels (8x8 and a 4x4 mid block), for fast model tests."""
+  m = load_config(os.path.join(CONFIGS, "toy.py")).model
+  m.image_size = 8
+  m.block_out_channels = (16, 32)
+  m.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+  m.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+  m.num_attention_heads = 2
+  m.cross_attention_dim = 16
+  m.norm_num_groups = 4
+  return UNetConfig.from_config(m).replace(**changes)
+
+
+def read_truth(web: str) -> dict[str, dict]:
+  """key -> the toy ground truth (+ page_url) from a toy web's sample JSON. Tests only: the pipeline never
+  reads the "toy" key."""
+  truth = {}
+  for path in sorted(glob.glob(os.path.join(web, "*.tar"))):
+    with tarfile.open(path) as tar:
+      for m in tar:
+        if m.name.endswith(".json"):
+          meta = json.loads(tar.extractfile(m).read())
+          truth[meta["key"]] = dict(meta["toy"], page_url=meta.get("page_url"))
+  return truth
