@@ -73,6 +73,10 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   print(f"pipeline ({args.runner}): {read['in']} raw samples -> {counters.get('clusters_out', 0)} clusters "
         f"({last['out']} images) in {time.perf_counter() - start:.1f}s; "
         f"page_url fallback {counters.get('page_url_fallback', 0)}; stats in {layout.stats_path}")
+  from data_pipeline.preview import write_cluster_sheet
+  sheet = write_cluster_sheet(layout.output_dir)
+  if sheet:
+    print(f"preview: {sheet}")
   return 0
 
 

@@ -279,3 +279,23 @@ def test_calibrate_prints_distributions(toyweb, capsys):
   assert set(same) == set(rand) == {f"p{p}" for p in (1, 5, 10, 25, 50, 75, 90, 95, 99)}
   assert same["p50"] > rand["p50"]  # pages mostly show one subject
   assert set(report["suggested"]) == {"clip.cluster_threshold", "clip.outlier_threshold", "clip.near_dup_threshold"}
+
+
+def test_preview_sheet_shows_one_row_per_cluster(full_run, tmp_path):
+  from PIL import Image
+
+  from data_pipeline.preview import write_cluster_sheet
+  out, stats = full_run
+  clusters = [r for p in sorted(glob.glob(os.path.join(out, "clusters", "*.tar")))
+              for r in cluster_shards.read_cluster_shard(p)]
+  rows = min(len(clusters), 5)
+  path = write_cluster_sheet(out, max_clusters=5, max_images=8, cell=16, gap=2)
+  sheet = np.asarray(Image.open(path))
+  assert sheet.shape == (rows * 18, 8 * 18, 3)
+  # The first cell is the first cluster's first image, resized; past a cluster's last image the row is white.
+  first = clusters[0]
+  expected = np.asarray(Image.fromarray(first.images[0]).resize((16, 16), Image.NEAREST))
+  assert np.array_equal(sheet[:16, :16], expected)
+  if len(first.images) < 8:
+    assert (sheet[:16, 18 * len(first.images):] == 255).all()
+  assert write_cluster_sheet(str(tmp_path)) is None  # no clusters, no picture
