@@ -191,7 +191,7 @@ def make_backend(config) -> CaptionBackend:
 def run(ctx: StageContext, task: Task) -> TaskResult:
   result = TaskResult()
   counts = result.stage("captions")
-  in_path = os.path.join(task.input_path, cluster_shards.shard_name(task.index))
+  in_path = task.bucket_input
   if not os.path.isfile(in_path):
     return result
   cfg = ctx.config.captions
@@ -213,7 +213,7 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
     counts.out += len(record.images)
   result.counters["clusters_out"] += len(records)
   if records:
-    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)), records)
+    cluster_shards.write_cluster_shard(task.bucket_output, records)
   return result
 
 

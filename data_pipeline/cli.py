@@ -70,13 +70,12 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   counters = stats["counters"]
   read = stats["stages"].get("read", {"in": 0})
   last = list(stats["stages"].values())[-1]
-  print(f"pipeline ({args.runner}): {read['in']} raw samples -> {counters.get('clusters_out', 0)} clusters "
-        f"({last['out']} images) in {time.perf_counter() - start:.1f}s; "
-        f"page_url fallback {counters.get('page_url_fallback', 0)}; stats in {layout.stats_path}")
   from data_pipeline.preview import write_cluster_sheet
   sheet = write_cluster_sheet(layout.output_dir)
-  if sheet:
-    print(f"preview: {sheet}")
+  print(f"pipeline ({args.runner}): {read['in']} raw samples -> {counters.get('clusters_out', 0)} clusters "
+        f"({last['out']} images) in {time.perf_counter() - start:.1f}s; "
+        f"page_url fallback {counters.get('page_url_fallback', 0)}; stats in {layout.stats_path}"
+        + (f"; preview {sheet}" if sheet else ""))
   return 0
 
 

@@ -145,7 +145,7 @@ def filter_config(config) -> FilterConfig:
 def run(ctx: StageContext, task: Task) -> TaskResult:
   result = TaskResult()
   counts = result.stage("clip_filter")
-  in_path = os.path.join(task.input_path, cluster_shards.shard_name(task.index))
+  in_path = task.bucket_input
   if not os.path.isfile(in_path):
     return result
   records = list(cluster_shards.read_cluster_shard(in_path))
@@ -172,7 +172,7 @@ def run(ctx: StageContext, task: Task) -> TaskResult:
     kept_records.append(record.select(k, meta))
   result.counters["clusters_after_clip"] += len(kept_records)
   if kept_records:
-    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)),
+    cluster_shards.write_cluster_shard(task.bucket_output,
                                        kept_records, packed=True)
   return result
 

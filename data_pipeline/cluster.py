@@ -169,7 +169,7 @@ def run_reduce(ctx: StageContext, task: Task) -> TaskResult:
   records.sort(key=lambda r: r.cluster_id)
   result.counters["clusters_grouped"] += len(records)
   if records:
-    cluster_shards.write_cluster_shard(os.path.join(task.output_dir, cluster_shards.shard_name(task.index)), records,
+    cluster_shards.write_cluster_shard(task.bucket_output, records,
                                        packed=True)
   return result
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import ml_collections as mlc
 
-from data_pipeline import shard_io
+from data_pipeline import cluster_shards, shard_io
 from data_pipeline.stats import TaskResult, merge_results
 
 STATS_FILE = "stats.json"
@@ -49,6 +49,16 @@ class Task:
   index: int
   input_path: str  # a raw shard, or the previous stage's folder
   output_dir: str
+
+  @property
+  def bucket_input(self) -> str:
+    """Per-bucket stages: this bucket's cluster shard written by the previous stage."""
+    return os.path.join(self.input_path, cluster_shards.shard_name(self.index))
+
+  @property
+  def bucket_output(self) -> str:
+    """Per-bucket stages: where this bucket's cluster shard goes."""
+    return os.path.join(self.output_dir, cluster_shards.shard_name(self.index))
 
 
 class StageContext:
