@@ -7,10 +7,12 @@ duplicates output because output names are fixed by the task, not by the order t
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tarfile
-from typing import Iterable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from data_pipeline.stats import TaskResult
 
@@ -19,30 +21,65 @@ def _tmp_name(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}"
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file in the same folder and an atomic rename."""
+def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+  """Runs write(file) on a temporary file beside `path`, syncs it, then renames it into place."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same folder and an atomic rename."""
+  _write_atomically(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: str, obj) -> None:
   atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def check_member_name(name: str) -> None:
-  """Raises ValueError for a tar member name that could escape the folder it is extracted to."""
-  from data_pipeline.sources import safe_member_name  # the toy-web engineer's single rule for names
-  if not safe_member_name(name):
-    raise ValueError(f"unsafe tar member name {name!r}")
+def safe_member_name(name: str) -> bool:
+  """True for a relative tar member name that stays inside the folder it would be extracted to."""
+  if not name or len(name) > 1024 or "\\" in name or any(ord(ch) < 32 for ch in name):
+    return False
+  if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+    return False
+  return all(p not in ("", ".", "..") for p in name.split("/"))
+
+
+def _deterministic_info(name: str, size: int) -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.size = size
+  info.mtime = 0
+  info.mode = 0o644
+  info.uid = info.gid = 0
+  info.uname = info.gname = ""
+  return info
 
 
 def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> None:
-  """A deterministic tar (same members -> same bytes), written atomically; refuses unsafe names."""
-  from data_pipeline.sources import write_tar_atomic  # one writer for the whole data pipeline
-  write_tar_atomic(path, list(members))
+  """A tar of (name, bytes) members, written atomically: same members -> same bytes. The one tar writer of
+  the data pipeline; refuses unsafe member names and non-bytes data before writing anything."""
+  members = list(members)
+  for name, data in members:
+    if not safe_member_name(name):
+      raise ValueError(f"unsafe tar member name {name!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+      raise ValueError(f"tar member {name!r} must be bytes, got {type(data).__name__}")
+
+  def write(f: BinaryIO) -> None:
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+      for name, data in members:
+        tar.addfile(_deterministic_info(name, len(data)), io.BytesIO(bytes(data)))
+
+  _write_atomically(path, write)
 
 
 def read_tar(path: str) -> Iterator[tuple[str, bytes]]:
@@ -51,7 +88,8 @@ def read_tar(path: str) -> Iterator[tuple[str, bytes]]:
     for info in tar:
       if not info.isfile():
         raise ValueError(f"{path}: unexpected non-file member {info.name!r}")
-      check_member_name(info.name)
+      if not safe_member_name(info.name):
+        raise ValueError(f"{path}: unsafe tar member name {info.name!r}")
       yield info.name, tar.extractfile(info).read()
 
 

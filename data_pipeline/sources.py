@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import io
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_pipeline.safe_image import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from data_pipeline.shard_io import safe_member_name, write_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -100,48 +100,9 @@ def list_shards(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Tar members.
 
-def safe_member_name(name: str) -> bool:
-  """True for a relative name that stays inside the folder it would be extracted to."""
-  if not name or len(name) > 1024 or "\\" in name or any(ord(ch) < 32 for ch in name):
-    return False
-  if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-    return False
-  parts = name.split("/")
-  return all(p not in ("", ".", "..") for p in parts)
-
-
-def _deterministic_info(name: str, size: int) -> tarfile.TarInfo:
-  info = tarfile.TarInfo(name)
-  info.size = size
-  info.mtime = 0
-  info.mode = 0o644
-  info.uid = info.gid = 0
-  info.uname = info.gname = ""
-  return info
-
-
-def write_tar_atomic(path: str, members: list[tuple[str, bytes]]) -> None:
-  """Write a tar of (name, bytes) members: same members -> same bytes. Written under a temporary
-  name then renamed, so a reader never sees a partial file. Refuses unsafe member names."""
-  for name, data in members:
-    if not safe_member_name(name):
-      raise ValueError(f"unsafe tar member name {name!r}")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-      raise ValueError(f"tar member {name!r} must be bytes, got {type(data).__name__}")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-          tar.addfile(_deterministic_info(name, len(data)), io.BytesIO(bytes(data)))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+# The pipeline's one rule for member names and its one tar writer live in shard_io; re-exported here for
+# the writers of raw shards (toyweb, tests).
+write_tar_atomic = write_tar
 
 
 def _split_member(name: str) -> tuple[str, str]:

@@ -26,9 +26,6 @@ class StageCounts:
     self.out += other.out
     self.dropped.update(other.dropped)
 
-  def balanced(self) -> bool:
-    return self.in_ == self.out + sum(self.dropped.values())
-
   def to_dict(self) -> dict:
     return {"in": self.in_, "out": self.out, "dropped": dict(sorted(self.dropped.items()))}
 

@@ -42,13 +42,15 @@ def _import_config_module(path: str):
   return module
 
 
-def _all_keys(cfg: mlc.ConfigDict, prefix: str = "") -> list[str]:
-  keys = []
-  for k, v in cfg.items():
-    keys.append(prefix + k)
-    if isinstance(v, mlc.ConfigDict):
-      keys.extend(_all_keys(v, prefix + k + "."))
-  return keys
+def flatten(cfg: mlc.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """ConfigDict -> [("model.image_size", 16), ...]: every leaf with its dotted key."""
+  items = []
+  for key, value in cfg.items():
+    if isinstance(value, mlc.ConfigDict):
+      items.extend(flatten(value, f"{prefix}{key}."))
+    else:
+      items.append((prefix + key, value))
+  return items
 
 
 def _parse_literal(text: str) -> Any:
@@ -99,7 +101,7 @@ def apply_override(cfg: mlc.ConfigDict, key: str, raw_value: str | Any) -> None:
   node = cfg
   for i, part in enumerate(parts):
     if not isinstance(node, mlc.ConfigDict) or part not in node:
-      close = difflib.get_close_matches(key, _all_keys(cfg), n=1)
+      close = difflib.get_close_matches(key, [k for k, _ in flatten(cfg)], n=1)
       hint = f" (did you mean '{close[0]}'?)" if close else ""
       raise ConfigError(f"unknown config key '{key}'{hint}")
     if i < len(parts) - 1:
@@ -151,13 +153,3 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] | Sequence[str] 
     apply_override(cfg, *item)
   cfg.lock()
   return cfg
-
-
-def require(cfg: mlc.ConfigDict, *keys: str) -> None:
-  """Raises ConfigError naming the first key that a component needs but the config lacks."""
-  for key in keys:
-    node = cfg
-    for part in key.split("."):
-      if not isinstance(node, mlc.ConfigDict) or part not in node:
-        raise ConfigError(f"config is missing required key '{key}'")
-      node = node[part]

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from suti.config import load_config, split_overrides
+from suti.config import flatten, load_config, split_overrides
 
 
 def _count(tree) -> int:
@@ -27,17 +27,6 @@ def text_encoder_params(cfg_text) -> int | None:
     return None
   abstract = nnx.eval_shape(lambda: build_text_encoder(cfg_text, rngs=nnx.Rngs(0)))
   return _count(nnx.state(abstract, nnx.Param))
-
-
-def flatten(cfg, prefix: str = "") -> list[tuple[str, object]]:
-  """ConfigDict -> [("model.image_size", 16), ...], keys sorted as ConfigDict keeps them."""
-  items = []
-  for key, value in cfg.items():
-    if hasattr(value, "items"):
-      items.extend(flatten(value, f"{prefix}{key}."))
-    else:
-      items.append((prefix + key, value))
-  return items
 
 
 def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str:

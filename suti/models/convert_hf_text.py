@@ -13,7 +13,6 @@ import os
 import re
 from typing import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

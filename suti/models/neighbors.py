@@ -72,10 +72,6 @@ class NeighborTokenizer(nnx.Module):
     self.norm = layer_norm(token_dim, dtype=dtype, rngs=rngs)
     self.neighbor_position = nnx.Param(init(rngs.params(), (max_neighbors, token_dim), jnp.float32))
 
-  @property
-  def tokens_per_neighbor(self) -> int:
-    return sum(r * r for r in self.resolutions)
-
   def __call__(self, feature_maps: Sequence[jax.Array], neighbor_mask: jax.Array) -> NeighborTokens:
     """feature_maps[i]: [B*K, r_i, r_i, C_i] in `resolutions` order; neighbor_mask [B, K] bool."""
     b, k = neighbor_mask.shape
