@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pillow",
     "numpy",
     "tqdm",
+    "tensorboardX>=2.6",
     "pyarrow",
     "torch==2.13.0",
     "torchvision==0.28.0",
