@@ -1,0 +1,161 @@
+"""Sample-grid pictures for training previews: what the model draws, next to what it was shown.
+
+Apprentice (demos given): one row per example, its K demos, a red separator bar, then the output.
+Base model (no demos): the outputs in a near-square grid. Tiles are upscaled by an integer factor with
+nearest-neighbour, so 16x16 toy images stay sharp and visible.
+
+Layout in pixels (g = gutter, th x tw = H*scale x W*scale, c = caption band height, 0 without captions):
+  apprentice: demo k of row r at  y = g + r*(th + c + g),  x = g + k*(tw + g)
+              separator bar at    x = g + K*(tw + g) .. + separator  (rows' tile height)
+              output at           x = g + K*(tw + g) + separator + g
+              width = that x + tw + g,  height = g + N*(th + c + g)
+  base:       output i at row i // cols, column i % cols, cols = ceil(sqrt(N)):
+              y = g + row*(th + c + g),  x = g + col*(tw + g)
+The caption of a row (of a tile, for the base grid) is drawn in the c-pixel band just below it.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from data_pipeline.shard_io import atomic_write_bytes
+
+BACKGROUND = (255, 255, 255)
+SEPARATOR_COLOR = (220, 40, 40)
+PADDED_DEMO_GRAY = (128, 128, 128)
+CAPTION_COLOR = (0, 0, 0)
+
+
+def to_uint8(images) -> np.ndarray:
+  """uint8 pixels of images given as uint8 or as floats in [-1, 1] (clipped; NaN shown as mid-gray)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if images.dtype.kind in "iubSUO":
+    raise ValueError(f"images must be uint8 or floats in [-1, 1], got dtype {images.dtype}")
+  images = np.nan_to_num(images.astype(np.float32), nan=0.0)  # float16 / bfloat16 too
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def _as_pixels(name: str, images: np.ndarray, ndim: int) -> np.ndarray:
+  if images.ndim != ndim or images.shape[-1] != 3:
+    expected = "[N,H,W,3]" if ndim == 4 else "[N,K,H,W,3]"
+    raise ValueError(f"{name} must be {expected} RGB images, got shape {images.shape}")
+  try:
+    return to_uint8(images)
+  except ValueError as error:
+    raise ValueError(f"{name}: {error}") from None
+
+
+def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
+  return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+  """`text` on one line, cut with "..." to fit `width` pixels."""
+  text = " ".join(str(text).split())
+  if draw.textlength(text, font=font) <= width:
+    return text
+  while text and draw.textlength(text + "...", font=font) > width:
+    text = text[:-1]
+  return text + "..." if text else ""
+
+
+def _resolve_demo_mask(demos_as_given: np.ndarray, demo_mask) -> np.ndarray:
+  n, k = demos_as_given.shape[:2]
+  if demo_mask is None:
+    # Without a mask, padding is recognised the way the loader writes it: an image of zeros as given.
+    values = demos_as_given if demos_as_given.dtype == np.uint8 else demos_as_given.astype(np.float32)
+    return (values.reshape(n, k, -1) != 0).any(axis=-1)
+  mask = np.asarray(demo_mask)
+  if mask.shape != (n, k):
+    raise ValueError(f"demo_mask must be [N,K] = {[n, k]}, got shape {mask.shape}")
+  return mask.astype(bool)
+
+
+def sample_grid(outputs: np.ndarray, demos: np.ndarray | None = None, *, scale: int = 4,
+                captions: Sequence[str] | None = None, demo_mask: np.ndarray | None = None,
+                gutter: int = 2, separator: int = 4) -> np.ndarray:
+  """One uint8 [height, width, 3] picture of the outputs (and their demos); layout in the module docstring.
+
+  outputs [N,H,W,3] and demos [N,K,H,W,3] are uint8 or floats in [-1, 1]. Demos that are masked out
+  (`demo_mask` [N,K] False; without a mask, all-zero demos) are drawn as plain gray tiles.
+  """
+  if not isinstance(scale, (int, np.integer)) or scale < 1:
+    raise ValueError(f"scale must be a positive integer, got {scale!r}")
+  if gutter < 0 or separator < 1:
+    raise ValueError(f"gutter must be >= 0 and separator >= 1, got {gutter} and {separator}")
+  outputs = _as_pixels("outputs", np.asarray(outputs), 4)
+  n, h, w, _ = outputs.shape
+  if n == 0:
+    raise ValueError("outputs holds no images")
+  if captions is not None and len(captions) != n:
+    raise ValueError(f"captions must hold one caption per output ({n}), got {len(captions)}")
+  if demos is None and demo_mask is not None:
+    raise ValueError("demo_mask was given without demos")
+  th, tw = h * scale, w * scale
+
+  font = ImageFont.load_default()
+  caption_h = 0
+  if captions is not None:
+    caption_h = font.getbbox("Ag|")[3] + 2  # bottom of the tallest glyphs, plus a pixel above and below
+
+  if demos is None:
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    width, height = gutter + cols * (tw + gutter), gutter + rows * (th + caption_h + gutter)
+    places = [((i // cols) * (th + caption_h + gutter) + gutter, (i % cols) * (tw + gutter) + gutter)
+              for i in range(n)]
+    caption_width = max(tw - 4, 0)  # a visible gap between neighbouring tiles' captions
+  else:
+    demos_raw = np.asarray(demos)
+    demos = _as_pixels("demos", demos_raw, 5)
+    if demos.shape[0] != n or demos.shape[2:] != outputs.shape[1:]:
+      raise ValueError(f"demos must be [N,K,H,W,3] with N,H,W = {n},{h},{w}, got shape {demos.shape}")
+    k = demos.shape[1]
+    if k == 0:
+      raise ValueError("demos holds no demo per example; pass demos=None for a base-model grid")
+    keep = _resolve_demo_mask(demos_raw, demo_mask)
+    output_x = gutter + k * (tw + gutter) + separator + gutter
+    width, height = output_x + tw + gutter, gutter + n * (th + caption_h + gutter)
+    places = [(gutter + r * (th + caption_h + gutter), output_x) for r in range(n)]
+    caption_width = width - 2 * gutter
+
+  canvas = np.empty((height, width, 3), np.uint8)
+  canvas[:] = BACKGROUND
+  for r, (y, x) in enumerate(places):
+    canvas[y:y + th, x:x + tw] = _upscale(outputs[r], scale)
+    if demos is None:
+      continue
+    for j in range(k):
+      dx = gutter + j * (tw + gutter)
+      canvas[y:y + th, dx:dx + tw] = _upscale(demos[r, j], scale) if keep[r, j] else PADDED_DEMO_GRAY
+    bar_x = gutter + k * (tw + gutter)
+    canvas[y:y + th, bar_x:bar_x + separator] = SEPARATOR_COLOR
+
+  if captions is not None:
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    for (y, x), caption in zip(places, captions):
+      text_x = x if demos is None else gutter
+      draw.text((text_x, y + th + 1), _fit_text(draw, caption, font, caption_width), fill=CAPTION_COLOR, font=font)
+    canvas = np.array(picture)  # writable, like the caption-free picture
+  return canvas
+
+
+def save_sample_grid(path: str, outputs, demos=None, **kw) -> str:
+  """Writes sample_grid(outputs, demos, **kw) as a PNG at `path` (atomically, parents created); returns path."""
+  buffer = io.BytesIO()
+  Image.fromarray(sample_grid(outputs, demos, **kw)).save(buffer, format="PNG")
+  atomic_write_bytes(path, buffer.getvalue())
+  return path
+
+
+def sample_grid_path(workdir: str, step: int) -> str:
+  """Where the trainer keeps the preview of `step`: <workdir>/samples/step_00001000.png (sorts by step)."""
+  return os.path.join(workdir, "samples", f"step_{int(step):08d}.png")
