@@ -376,3 +376,11 @@ def test_close_stops_the_prefetch_thread(pair_shards):
   assert not any(t.name == "TrainInput-prefetch" for t in threading.enumerate())
   with pytest.raises(ValueError, match="closed"):
     next(stream)
+
+
+def test_streams_through_webdataset_urls(pair_shards):
+  """Remote-style specs (here pipe:) go through webdataset's gopen and give the same batches as paths."""
+  paths = resolve_shards(pair_shards)
+  with pairs_input([f"pipe:cat {p}" for p in paths], shuffle_buffer=0) as piped, \
+      pairs_input(paths, shuffle_buffer=0) as local:
+    assert [list(b["keys"]) for b in take(piped, 3)] == [list(b["keys"]) for b in take(local, 3)]

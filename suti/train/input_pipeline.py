@@ -296,7 +296,7 @@ class TrainInput:
     self.counters: collections.Counter = collections.Counter()  # up to the last batch handed out
     self._new_counts: collections.Counter = collections.Counter()  # the generator's, since its last batch
     self._position = dataclasses.replace(position) if position is not None else InputPosition()
-    self._batches: Iterator[tuple[dict[str, np.ndarray], InputPosition]] | None = None
+    self._batches: Iterator[tuple[dict[str, np.ndarray], InputPosition, collections.Counter]] | None = None
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
