@@ -384,3 +384,16 @@ def test_streams_through_webdataset_urls(pair_shards):
   with pairs_input([f"pipe:cat {p}" for p in paths], shuffle_buffer=0) as piped, \
       pairs_input(paths, shuffle_buffer=0) as local:
     assert [list(b["keys"]) for b in take(piped, 3)] == [list(b["keys"]) for b in take(local, 3)]
+
+
+def test_icl_undecodable_neighbor_is_dropped_and_counted(tmp_path):
+  key = "cl000_0"
+  write_tar(str(tmp_path / "icl-000000.tar"), [
+      (f"{key}.target.png", png((1, 2, 3))), (f"{key}.target.txt", b"t"),
+      (f"{key}.neighbor_0.png", b"broken"), (f"{key}.neighbor_0.txt", b"n0"),
+      (f"{key}.neighbor_1.png", png(neighbor_color(0, 1))), (f"{key}.neighbor_1.txt", b"n1")])
+  with icl_input(str(tmp_path), prefetch=0) as stream:
+    batch = next(stream)  # 9 copies of the one example, over 9 epochs
+    assert stream.counters == collections.Counter({"neighbor_undecodable_image": 9})
+  np.testing.assert_array_equal(batch["neighbor_mask"], np.tile([True, False, False], (9, 1)))
+  assert {detokenize(ids) for ids in batch["neighbor_ids"][:, 0]} == {"n1"}
