@@ -1,0 +1,379 @@
+"""Orbax checkpoints of the training state: async saves, keep-N, exact restore, fallback past corrupt steps.
+
+Layout of one step directory `<workdir>/checkpoints/<step>/` (one Orbax item per part, so each part can be read
+alone):
+  params/, ema/, frozen/, opt_state/   the TrainState fields of those names, each a nested dict of arrays
+  extra/                               every other leaf of the state (step, rng key data, input positions, ...)
+  meta/                                the JSON-able `meta` dict (config, input position, ...)
+
+The state is stored as plain nested dicts keyed by its jax.tree_util path (Variable wrappers, optax namedtuples
+and dataclass fields become string keys), and rebuilt on restore with the abstract state's treedef. So Orbax
+never has to understand nnx.State or optax types, and `load_params` reads the weights without knowing the
+optimizer.
+
+A checkpoint whose metadata or data cannot be read is "corrupt": `restore` warns, renames its directory to
+`<step>.corrupt` (Orbax no longer lists it; the step number can be saved again) and tries the previous step. A
+checkpoint that is readable but does not match the abstract state (another model config) is the caller's error:
+ValueError, and nothing is moved.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+OWN_ITEMS = ("params", "ema", "frozen", "opt_state")  # TrainState fields stored as their own Orbax item
+EXTRA_ITEM = "extra"  # every other leaf of the state
+META_ITEM = "meta"
+WEIGHT_ITEMS = ("params", "ema", "frozen")
+CORRUPT_SUFFIX = ".corrupt"
+
+log = logging.getLogger(__name__)
+
+Path = tuple[str, ...]
+
+
+def _key_name(entry: Any) -> str:
+  """One jax.tree_util path entry as a string key."""
+  if isinstance(entry, jax.tree_util.DictKey):
+    return str(entry.key)
+  if isinstance(entry, jax.tree_util.GetAttrKey):
+    return entry.name
+  if isinstance(entry, jax.tree_util.SequenceKey):
+    return str(entry.idx)
+  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+    return str(entry.key)
+  return str(entry)
+
+
+def _names(path: tuple) -> Path:
+  """String keys of a leaf path; a Variable's trailing `.value` is dropped, so items are nnx pure dicts."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return tuple(_key_name(k) for k in path)
+
+
+def _item_and_path(names: Path) -> tuple[str, Path]:
+  """Which Orbax item a leaf goes to, and its path inside that item."""
+  if len(names) > 1 and names[0] in OWN_ITEMS:
+    return names[0], names[1:]
+  return EXTRA_ITEM, names or ("root",)
+
+
+def _leaf_paths(tree: Any) -> tuple[list[tuple[str, Path]], list[Any], Any]:
+  """(item, path) per leaf, the leaves, and the treedef: how a state is split into items and rebuilt."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  where = [_item_and_path(_names(path)) for path, _ in with_paths]
+  if len(set(where)) != len(where):
+    raise ValueError("state has two leaves with the same path once keys are strings; rename one of them")
+  return where, [leaf for _, leaf in with_paths], treedef
+
+
+def _nest(where: list[tuple[str, Path]], leaves: list[Any]) -> dict[str, dict]:
+  """{item: nested dict} from per-leaf (item, path)."""
+  items: dict[str, dict] = {}
+  for (item, path), leaf in zip(where, leaves):
+    node = items.setdefault(item, {})
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"state path {item}/{'/'.join(path)} is both a leaf and a subtree")
+    if path[-1] in node:
+      raise ValueError(f"state path {item}/{'/'.join(path)} is both a leaf and a subtree")
+    node[path[-1]] = leaf
+  return items
+
+
+def _lookup(tree: dict, path: Path) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _host_value(leaf: Any) -> Any:
+  """Arrays stay as they are (sharded arrays are saved shard by shard); Python / numpy scalars become arrays."""
+  return leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+
+
+def _abstract(leaf: Any) -> jax.ShapeDtypeStruct | np.ndarray:
+  """What Orbax restores a leaf as: a jax.Array with the given sharding, or a host numpy array for numpy leaves
+  (int64 input positions stay int64 without jax_enable_x64)."""
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return np.asarray(leaf)
+
+
+class CorruptCheckpoint(Exception):
+  """A step directory whose metadata or data cannot be read."""
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Every item this module writes, known up front: a restarted run restores before it ever saves."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for name in OWN_ITEMS + (EXTRA_ITEM,):
+    handler = ocp.StandardCheckpointHandler()
+    registry.add(name, ocp.args.StandardSave, handler)
+    registry.add(name, ocp.args.StandardRestore, handler)
+  json_handler = ocp.JsonCheckpointHandler()
+  registry.add(META_ITEM, ocp.args.JsonSave, json_handler)
+  registry.add(META_ITEM, ocp.args.JsonRestore, json_handler)
+  return registry
+
+
+class Checkpointer:
+  """Saves and restores the trainer's state under `directory` (= <workdir>/checkpoints)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+    self._barriers = 0  # Orbax barrier names must be unique
+
+  # ---- saving
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> None:
+    """Starts saving `state` and `meta` as `step`; returns once the arrays are off device (async).
+
+    A step that already exists is left as it is (a final save right after a periodic one), unless force=True,
+    which replaces it. A save waits for the previous one to finish first.
+    """
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    if step in self._manager.all_steps():
+      if not force:
+        log.info("checkpoint step %d already exists; not saved again", step)
+        return
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
+    where, leaves, _ = _leaf_paths(state)
+    items = _nest(where, [_host_value(leaf) for leaf in leaves])
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args[META_ITEM] = ocp.args.JsonSave(dict(meta))
+    # force: the trainer decides when to save, not Orbax's save-interval policy.
+    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def wait(self) -> None:
+    """Blocks until every started save is durable on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  # ---- restoring
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of `step` (None: the latest readable one), with the shardings of `abstract_state`.
+
+    Corrupt checkpoints met on the way are warned about, moved aside and skipped. None when nothing is readable.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    where, leaves, treedef = _leaf_paths(abstract_state)
+    abstract_items = _nest(where, [_abstract(leaf) for leaf in leaves])
+    if step is not None and int(step) not in self._manager.all_steps():
+      raise ValueError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+    candidates = [int(step)] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    for candidate in candidates:
+      try:
+        restored, meta = self._restore_step(candidate, abstract_items)
+      except CorruptCheckpoint as err:
+        self._set_aside(candidate, str(err))
+        continue
+      state = jax.tree_util.tree_unflatten(treedef, [_lookup(restored[item], path) for item, path in where])
+      return candidate, state, meta
+    if candidates:
+      warnings.warn(f"no readable checkpoint left in {self.directory}; starting from scratch", stacklevel=2)
+    return None
+
+  def _restore_step(self, step: int, abstract_items: dict[str, dict]) -> tuple[dict, dict]:
+    """Reads one step; CorruptCheckpoint when unreadable, ValueError when it does not match the state."""
+    ok, failure = True, ""
+    try:
+      saved = self._saved_items(step)
+      missing = sorted(set(abstract_items) - set(saved))
+      if missing:
+        raise _Mismatch(f"checkpoint step {step} in {self.directory} has no {missing} "
+                         f"(it holds {sorted(saved)}); was it written by another kind of run?")
+      for name, abstract in abstract_items.items():
+        _check_matches(step, name, saved[name], abstract)
+      args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+      args[META_ITEM] = ocp.args.JsonRestore()
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      meta = restored[META_ITEM]
+      if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"meta is {type(meta).__name__}, not a JSON object")
+      result = {name: restored[name] for name in abstract_items}
+    except ValueError as err:
+      if isinstance(err, _Mismatch):
+        raise ValueError(str(err)) from None
+      ok, failure = False, _one_line(err)
+    except Exception as err:  # noqa: BLE001 -- any read failure (tensorstore, OSError, JSON) means corrupt
+      ok, failure = False, _one_line(err)
+    if not _all_processes_agree(ok):
+      raise CorruptCheckpoint(failure or "unreadable on another process")
+    return result, meta
+
+  def _saved_items(self, step: int) -> dict[str, Any]:
+    """{item name: tree metadata} of the array items the step directory says it holds.
+
+    Read with a handler of our own: a fresh CheckpointManager (a restarted run) knows no item handlers before
+    its first save, and its item_metadata would be None for every item.
+    """
+    handlers = self._manager.metadata(step).item_handlers or {}
+    if META_ITEM not in handlers:
+      raise CorruptCheckpoint("step metadata is missing or lists no meta item")
+    step_dir = self.directory / str(step)
+    return {name: _item_tree_metadata(step_dir / name) for name in handlers if name != META_ITEM}
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    """Warns and renames a corrupt step directory (primary host only) so Orbax stops listing it."""
+    source = self.directory / str(step)
+    target = _free_name(self.directory, f"{step}{CORRUPT_SUFFIX}")
+    message = f"checkpoint step {step} is corrupt ({reason}); moved to {target.name}, falling back"
+    warnings.warn(message, stacklevel=3)
+    log.warning(message)
+    if jax.process_index() == 0 and source.exists():
+      source.rename(target)
+    if jax.process_count() > 1:
+      self._barriers += 1
+      ocp.multihost.sync_global_processes(f"suti_checkpoint_set_aside_{step}_{self._barriers}")
+    self._manager.reload()
+
+
+class _Mismatch(ValueError):
+  """A readable checkpoint that does not fit the abstract state (never treated as corrupt)."""
+
+
+def _check_matches(step: int, item: str, saved: Any, abstract: dict) -> None:
+  saved_flat = dict(_flat_items(saved))
+  wanted = dict(_flat_items(abstract))
+  if set(saved_flat) != set(wanted):
+    only_saved = sorted(set(saved_flat) - set(wanted))[:3]
+    only_wanted = sorted(set(wanted) - set(saved_flat))[:3]
+    raise _Mismatch(f"checkpoint step {step} item '{item}' does not match the state: only in checkpoint "
+                    f"{['/'.join(p) for p in only_saved]}, only in state {['/'.join(p) for p in only_wanted]}")
+  for path, want in wanted.items():
+    got = saved_flat[path]
+    shape = tuple(getattr(got, "shape", ()) or ())
+    if shape != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise _Mismatch(f"checkpoint step {step} {item}/{'/'.join(path)} is {shape} {np.dtype(got.dtype)}, "
+                      f"the state wants {tuple(want.shape)} {np.dtype(want.dtype)}")
+
+
+def _flat_items(tree: Any, prefix: Path = ()) -> list[tuple[Path, Any]]:
+  if isinstance(tree, dict):
+    out = []
+    for key, value in tree.items():
+      out.extend(_flat_items(value, prefix + (str(key),)))
+    return out
+  return [(prefix, tree)]
+
+
+def _one_line(err: BaseException) -> str:
+  text = " ".join(str(err).split()) or type(err).__name__
+  if isinstance(err, CorruptCheckpoint):
+    return text[:200]
+  return f"{type(err).__name__}: {text[:200]}"
+
+
+def _free_name(directory: epath.Path, name: str) -> epath.Path:
+  target, n = directory / name, 1
+  while target.exists():
+    target, n = directory / f"{name}-{n}", n + 1
+  return target
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only when every process read its part; a corrupt verdict must be the same everywhere."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+# ---- weights only
+def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, dict]:
+  """Model weights of a checkpoint as host numpy arrays, without the optimizer: ({"params", "frozen"}, meta).
+
+  "params" is the EMA tree when the checkpoint has one and prefer_ema, else the trained params. The trees are
+  nnx pure dicts (string keys, no Variable wrappers): `nnx.replace_by_pure_dict(state, tree["params"])` loads
+  them. Digit keys are ints, as nnx.to_pure_dict writes them. `checkpoint_dir` is a training workdir, its checkpoints/ folder, or one step directory; for a folder of
+  steps the newest readable step is used (corrupt ones are skipped with a warning, never moved).
+  """
+  root = epath.Path(os.path.abspath(os.fspath(checkpoint_dir)))
+  if not root.is_dir():
+    raise ValueError(f"no checkpoint at {root}: not a directory")
+  if (root / "checkpoints").is_dir():
+    root = root / "checkpoints"
+  if _is_step_dir(root):
+    return _load_step_weights(root, prefer_ema)
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+  for step in steps:
+    try:
+      return _load_step_weights(root / str(step), prefer_ema)
+    except CorruptCheckpoint as err:
+      warnings.warn(f"checkpoint step {step} in {root} is unreadable ({err}); trying the previous step",
+                    stacklevel=2)
+  raise ValueError(f"no readable checkpoint in {root}" + (f" (tried steps {steps})" if steps else ""))
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return any((path / name).is_dir() for name in WEIGHT_ITEMS + (META_ITEM,))
+
+
+def _load_step_weights(step_dir: epath.Path, prefer_ema: bool) -> tuple[dict, dict]:
+  source = "ema" if prefer_ema and (step_dir / "ema").is_dir() else "params"
+  if not (step_dir / source).is_dir():
+    raise ValueError(f"{step_dir} holds no model weights (no params/ or ema/ item)")
+  try:
+    weights = {"params": _read_item_numpy(step_dir / source),
+               "frozen": _read_item_numpy(step_dir / "frozen") if (step_dir / "frozen").is_dir() else {}}
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / META_ITEM) \
+        if (step_dir / META_ITEM).is_dir() else {}
+  except Exception as err:  # noqa: BLE001 -- any read failure means this step is unusable
+    raise CorruptCheckpoint(_one_line(err)) from None
+  return weights, dict(meta or {})
+
+
+def _item_tree_metadata(item_dir: epath.Path) -> dict:
+  """The saved tree of one array item (ArrayMetadata leaves); CorruptCheckpoint when unreadable."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(item_dir).tree
+  except Exception as err:  # noqa: BLE001 -- missing or damaged metadata files
+    raise CorruptCheckpoint(f"item '{item_dir.name}' has no readable metadata: {_one_line(err)}") from None
+  finally:
+    handler.close()
+  if not isinstance(tree, dict):
+    raise CorruptCheckpoint(f"item '{item_dir.name}' has no readable metadata")
+  return tree
+
+
+def _read_item_numpy(item_dir: epath.Path) -> dict:
+  """One array item as host numpy arrays, on any device count (the saved shardings are ignored); digit keys
+  (nnx.List indices) become ints again, as in nnx.to_pure_dict."""
+  tree = _item_tree_metadata(item_dir)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  finally:
+    handler.close()
+  return nnx.restore_int_paths(restored)
