@@ -130,13 +130,40 @@ def test_round_trip_is_exact_with_shardings(tmp_path):
 
 def test_async_save_then_wait_restores_equal(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=True)
-  states = _save_steps(ckpt, [1, 2])  # the second save waits for the first
+  states = {step: _state(seed=step) for step in (1, 2)}
+  for step, state in states.items():  # the second save waits for the first
+    ckpt.save(step, state, {"step": step})
+  # save returned with the arrays already off device: the trainer may donate them to the next step
+  live = _state(seed=2)
+  for leaf in jax.tree.leaves(states[2]):
+    if isinstance(leaf, jax.Array):
+      leaf.delete()
+  ckpt.wait()
+  states[2] = live
   assert ckpt.latest_step() == 2
   step, restored, meta = ckpt.restore(_abstract(states[2]))
   assert step == 2 and meta["step"] == 2
   _assert_same(restored, states[2])
   _, first, _ = ckpt.restore(_abstract(states[1]), step=1)
   _assert_same(first, states[1])
+  ckpt.close()
+
+
+def test_killed_save_and_bad_input(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(directory), async_save=False)
+  state = _state()
+  _save_steps(ckpt, [1])
+  ckpt.close()
+  (directory / "2.orbax-checkpoint-tmp-1234").mkdir()  # a run killed in the middle of saving step 2
+  ckpt = Checkpointer(str(directory))
+  assert ckpt.latest_step() == 1 and ckpt.restore(_abstract(state))[0] == 1
+  ckpt.wait()
+  assert not (directory / "2.orbax-checkpoint-tmp-1234").exists()  # cleaned up by the restarted run
+  with pytest.raises(ValueError, match=r"^no checkpoint for step 3 in .* \(have \[1\]\)$"):
+    ckpt.restore(_abstract(state), step=3)
+  with pytest.raises(ValueError, match=r"^checkpoint meta must be JSON-able"):
+    ckpt.save(2, state, {"bad": object()})
   ckpt.close()
 
 
@@ -211,6 +238,17 @@ def test_partial_step_falls_back_and_all_bad_gives_none(tmp_path):
   assert any("checkpoint step 1 is corrupt" in m for m in messages)
   assert any("no readable checkpoint" in m for m in messages)
   assert ckpt.latest_step() is None
+  ckpt.close()
+
+
+def test_explicit_corrupt_step_is_an_error_and_stays(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(directory), async_save=False)
+  states = _save_steps(ckpt, [1, 2])
+  os.remove(directory / "1" / "meta" / "metadata")
+  with pytest.raises(ValueError, match=r"^checkpoint step 1 in .* is corrupt \("):
+    ckpt.restore(_abstract(states[1]), step=1)
+  assert (directory / "1").is_dir() and ckpt.all_steps() == [1, 2]
   ckpt.close()
 
 

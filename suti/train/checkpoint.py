@@ -18,6 +18,7 @@ ValueError, and nothing is moved.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -136,7 +137,10 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    # cleanup_tmp_directories: a run killed mid-save leaves a `<step>.orbax-checkpoint-tmp-*` folder; the next
+    # run removes it (Orbax never lists it as a step).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
     self._barriers = 0  # Orbax barrier names must be unique
 
@@ -150,6 +154,10 @@ class Checkpointer:
     step = int(step)
     if step < 0:
       raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    try:
+      json.dumps(meta)
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"checkpoint meta must be JSON-able: {err}") from None
     if step in self._manager.all_steps():
       if not force:
         log.info("checkpoint step %d already exists; not saved again", step)
@@ -181,7 +189,9 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
     """(step, state, meta) of `step` (None: the latest readable one), with the shardings of `abstract_state`.
 
-    Corrupt checkpoints met on the way are warned about, moved aside and skipped. None when nothing is readable.
+    With step None, corrupt checkpoints met on the way are warned about, moved aside and skipped; None when
+    nothing is readable (or there is no checkpoint). An explicit step that is missing or corrupt: ValueError.
+    A readable checkpoint whose tree, shapes or dtypes differ from `abstract_state`: ValueError.
     """
     self._manager.wait_until_finished()
     self._manager.reload()
@@ -194,6 +204,8 @@ class Checkpointer:
       try:
         restored, meta = self._restore_step(candidate, abstract_items)
       except CorruptCheckpoint as err:
+        if step is not None:  # the caller asked for this one: no silent substitute, nothing moved
+          raise ValueError(f"checkpoint step {step} in {self.directory} is corrupt ({err})") from None
         self._set_aside(candidate, str(err))
         continue
       state = jax.tree_util.tree_unflatten(treedef, [_lookup(restored[item], path) for item, path in where])
