@@ -277,21 +277,29 @@ def test_load_params_reads_weights_only(tmp_path):
   states = _save_steps(ckpt, [1, 2])
   ckpt.close()
   weights, meta = load_params(str(workdir))
-  assert set(weights) == {"params", "frozen"} and meta["step"] == 2
+  assert meta["step"] == 2
+  # the whole model (EMA params + the frozen part) with nnx.state(model) paths, and nothing of the optimizer
+  assert set(weights) == {"inp", "blocks", "seen"}
   ema = states[2].ema
-  assert set(weights["params"]) == {"inp", "blocks"}  # no optimizer state
-  np.testing.assert_array_equal(weights["params"]["inp"]["kernel"], np.asarray(ema["inp"]["kernel"]))
-  assert weights["params"]["inp"]["kernel"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(weights["frozen"]["seen"], np.arange(3))
-  # the trees load straight into a fresh model's state
-  _, fresh, _ = nnx.split(Tiny(nnx.Rngs(9)), nnx.Param, ...)
-  nnx.replace_by_pure_dict(fresh, weights["params"])
-  np.testing.assert_array_equal(np.asarray(fresh["blocks"][0]["bias"][...]),
-                                np.asarray(ema["blocks"][0]["bias"]))
+  np.testing.assert_array_equal(weights["inp"]["kernel"], np.asarray(ema["inp"]["kernel"]))
+  assert weights["inp"]["kernel"].dtype == jnp.bfloat16 and isinstance(weights["inp"]["kernel"], np.ndarray)
+  np.testing.assert_array_equal(weights["seen"], np.arange(3))
+  # the tree loads straight into a fresh model
+  model = Tiny(nnx.Rngs(9))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, weights)
+  nnx.update(model, state)
+  np.testing.assert_array_equal(np.asarray(model.blocks[0].bias[...]), np.asarray(ema["blocks"][0]["bias"]))
 
   raw, meta = load_params(str(workdir / "checkpoints" / "1"), prefer_ema=False)
   assert meta["step"] == 1
-  _assert_same(raw["params"], jax.tree.map(np.asarray, nnx.to_pure_dict(states[1].params)))
+  expected = nnx.to_pure_dict(states[1].params) | nnx.to_pure_dict(states[1].frozen)
+  _assert_same(raw, jax.tree.map(np.asarray, expected))
+  # a damaged newest step is skipped (and left where it is)
+  os.remove(workdir / "checkpoints" / "2" / "ema" / "_METADATA")
+  with pytest.warns(UserWarning, match=r"checkpoint step 2 in .* is unreadable"):
+    _, meta = load_params(str(workdir / "checkpoints"))
+  assert meta["step"] == 1 and (workdir / "checkpoints" / "2").is_dir()
 
 
 def test_load_params_without_checkpoint_is_a_clear_error(tmp_path):

@@ -322,12 +322,13 @@ def _all_processes_agree(ok: bool) -> bool:
 
 # ---- weights only
 def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, dict]:
-  """Model weights of a checkpoint as host numpy arrays, without the optimizer: ({"params", "frozen"}, meta).
+  """The model weights of a checkpoint as host numpy arrays, without the optimizer: (weights, meta).
 
-  "params" is the EMA tree when the checkpoint has one and prefer_ema, else the trained params. The trees are
-  nnx pure dicts (string keys, no Variable wrappers): `nnx.replace_by_pure_dict(state, tree["params"])` loads
-  them. Digit keys are ints, as nnx.to_pure_dict writes them. `checkpoint_dir` is a training workdir, its checkpoints/ folder, or one step directory; for a folder of
-  steps the newest readable step is used (corrupt ones are skipped with a warning, never moved).
+  weights: one nnx pure dict (string keys, digit keys as ints, no Variable wrappers) of the whole model, i.e. the
+  EMA tree when the checkpoint has one and prefer_ema (else the trained params) merged with the frozen part. Its
+  paths are those of `nnx.state(model)`, so `nnx.replace_by_pure_dict(nnx.state(model), weights)` loads it.
+  `checkpoint_dir` is a training workdir, its checkpoints/ folder, or one step directory; in a folder of steps
+  the newest readable one is used (corrupt ones are skipped with a warning, never moved).
   """
   root = epath.Path(os.path.abspath(os.fspath(checkpoint_dir)))
   if not root.is_dir():
@@ -335,7 +336,10 @@ def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, 
   if (root / "checkpoints").is_dir():
     root = root / "checkpoints"
   if _is_step_dir(root):
-    return _load_step_weights(root, prefer_ema)
+    try:
+      return _load_step_weights(root, prefer_ema)
+    except CorruptCheckpoint as err:
+      raise ValueError(f"checkpoint {root} is unreadable ({err})") from None
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
   for step in steps:
     try:
@@ -354,14 +358,28 @@ def _load_step_weights(step_dir: epath.Path, prefer_ema: bool) -> tuple[dict, di
   source = "ema" if prefer_ema and (step_dir / "ema").is_dir() else "params"
   if not (step_dir / source).is_dir():
     raise ValueError(f"{step_dir} holds no model weights (no params/ or ema/ item)")
+  json_handler = ocp.JsonCheckpointHandler()
   try:
-    weights = {"params": _read_item_numpy(step_dir / source),
-               "frozen": _read_item_numpy(step_dir / "frozen") if (step_dir / "frozen").is_dir() else {}}
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / META_ITEM) \
-        if (step_dir / META_ITEM).is_dir() else {}
+    weights = _read_item_numpy(step_dir / source)
+    if (step_dir / "frozen").is_dir():
+      _merge_disjoint(weights, _read_item_numpy(step_dir / "frozen"))
+    meta = json_handler.restore(step_dir / META_ITEM) if (step_dir / META_ITEM).is_dir() else {}
   except Exception as err:  # noqa: BLE001 -- any read failure means this step is unusable
     raise CorruptCheckpoint(_one_line(err)) from None
+  finally:
+    json_handler.close()
   return weights, dict(meta or {})
+
+
+def _merge_disjoint(into: dict, other: dict, prefix: str = "") -> None:
+  """Adds `other`'s leaves to `into`; trainable and frozen parts of one model never share a leaf path."""
+  for key, value in other.items():
+    if isinstance(value, dict) and isinstance(into.get(key), dict):
+      _merge_disjoint(into[key], value, f"{prefix}{key}/")
+    elif key in into:
+      raise CorruptCheckpoint(f"'{prefix}{key}' is both in the trained and the frozen weights")
+    else:
+      into[key] = value
 
 
 def _item_tree_metadata(item_dir: epath.Path) -> dict:
