@@ -35,7 +35,8 @@ FAKE_EXTRAS = {
              'fi\n'
              'SLURM_PROCID=1 exec "$@"\n'),
     # suti's toyweb writes a shard, so a second run finds it.
-    "suti": 'if [[ "$1 $2" == "data toyweb" ]]; then mkdir -p "$4" && : > "$4/00000.tar"; fi\n',
+    "suti": ('if [[ "$1 $2" == "data toyweb" ]]; then mkdir -p "$4" && : > "$4/00000.tar"; fi\n'
+             'exit "${FAKE_SUTI_STATUS:-0}"\n'),
 }
 
 
@@ -246,7 +247,9 @@ def test_slurm_explicit_task_gets_its_process_id(fakes: Path):
                        "--process-id", "1"]
 
 
-def test_slurm_time_limit_saves_and_requeues(fakes: Path):
+@pytest.mark.parametrize("signal_name, requeued", [("SIGUSR1", True), ("SIGTERM", False)])
+def test_slurm_signal_saves_and_requeues_only_at_the_time_limit(fakes: Path, signal_name: str, requeued: bool):
+  """USR1 is SLURM's warning before the time limit (--signal=B:USR1@120); TERM is preemption or scancel."""
   env = slurm_env(fakes, FAKE_SRUN_WAIT="1")
   proc = subprocess.Popen(["bash", str(LAUNCH / "slurm_multinode.sbatch")], env=env, cwd=fakes,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -254,10 +257,18 @@ def test_slurm_time_limit_saves_and_requeues(fakes: Path):
   deadline = time.monotonic() + 60
   while not signals.exists() and time.monotonic() < deadline:
     time.sleep(0.05)
-  proc.send_signal(signal.SIGUSR1)  # what SLURM sends 120 s before the time limit
-  proc.communicate(timeout=60)
+  proc.send_signal(getattr(signal, signal_name))
+  _, stderr = proc.communicate(timeout=60)
   assert signals.read_text().split() == ["started", "TERM"]  # the trainer got SIGTERM (and saves)
-  assert calls(fakes)[-1] == ["scontrol", "requeue", "1234"]
+  assert f"{signal_name[3:]}: SIGTERM to the trainer" in stderr
+  assert (calls(fakes)[-1] == ["scontrol", "requeue", "1234"]) == requeued
+  assert proc.returncode == 143  # the trainer's exit status
+
+
+def test_slurm_passes_on_the_trainer_status_without_requeue(fakes: Path):
+  result = run_script("slurm_multinode.sbatch", slurm_env(fakes, FAKE_SUTI_STATUS="3"), cwd=fakes)
+  assert result.returncode == 3
+  assert [c[0] for c in calls(fakes)] == ["srun", "suti"]  # no scontrol requeue
 
 
 def test_slurm_explicit_outside_slurm_is_one_clear_error(fakes: Path):
