@@ -74,18 +74,35 @@ def get_config() -> mlc.ConfigDict:
   c.train.steps = 3000
   c.train.batch_size = 32
   c.train.seed = 0
+  c.train.optimizer = "adamw"  # adamw | adafactor (SuTI trained its apprentice and experts with Adafactor)
   c.train.lr = 5e-4
+  c.train.lr_schedule = "cosine"  # cosine (to 0 at train.steps) | constant, both after a linear warmup
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
+  c.train.clip_grad = True  # clip the global gradient norm to train.grad_clip
   c.train.grad_clip = 1.0
-  c.train.ema_decay = 0.995
+  c.train.grad_accum_steps = 1  # micro-batches per step: train.batch_size is split into this many
+  c.train.ema_decay = 0.995  # 0 disables the EMA weights
   c.train.log_every = 50
   c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoints = True
+  c.train.sample_every = 500  # sample-grid PNG (EMA weights) every N steps; 0 disables
+  c.train.num_samples = 8
+  c.train.init_from = ""  # a base run's workdir or checkpoint: its weights initialise this model (apprentice)
 
   c.data = mlc.ConfigDict()
-  c.data.shards = ""
+  c.data.shards = ""  # a path, glob, comma list or brace pattern of webdataset shards
+  c.data.format = "auto"  # pairs (image-text) | icl (target + neighbors) | auto: icl when model.num_neighbors > 0
+  c.data.shuffle_buffer = 1000
+  c.data.prefetch = 2
 
+  # Device mesh: data parallel x FSDP; -1 takes the devices the other axis leaves. Batches split over both axes.
   c.mesh = mlc.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # Parameters with at least this many elements are sharded over `fsdp` along their largest divisible dimension.
+  c.mesh.fsdp_min_size = 2**14
+  # (regex over the parameter path, "fsdp" | "replicate"); the first match wins over the size rule.
+  c.mesh.rules = (("norm", "replicate"),)
   return c

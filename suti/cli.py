@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Work that later issues fill in; until then the command says so and exits non-zero.
 PENDING: dict[str, str] = {
-    "train": "the full trainer (sharding, Orbax resume, input pipeline) arrives with the trainer issue",
     "generate": "few-shot generation arrives with the generation/evaluation issue",
     "eval": "evaluation arrives with the generation/evaluation issue",
     "demo": "the toy-world demo arrives with the generation/evaluation issue",

@@ -34,3 +34,17 @@ def read_truth(web: str) -> dict[str, dict]:
           meta = json.loads(tar.extractfile(m).read())
           truth[meta["key"]] = dict(meta["toy"], page_url=meta.get("page_url"))
   return truth
+
+
+TINY_MODEL_OVERRIDES = (
+    ("model.image_size", "8"), ("model.block_out_channels", "(16, 32)"),
+    ("model.down_block_types", "('DownBlock2D', 'CrossAttnDownBlock2D')"),
+    ("model.up_block_types", "('CrossAttnUpBlock2D', 'UpBlock2D')"),
+    ("model.num_attention_heads", "2"), ("model.cross_attention_dim", "16"), ("model.norm_num_groups", "4"),
+    ("text.width", "16"), ("text.layers", "1"), ("text.heads", "2"), ("text.max_length", "16"),
+)
+
+
+def tiny_config(name: str = "toy.py", overrides=()):
+  """A full training config (configs/<name>) with the model shrunk to two levels at 8x8: trains in seconds."""
+  return load_config(os.path.join(CONFIGS, name), list(TINY_MODEL_OVERRIDES) + list(overrides))

@@ -2,12 +2,22 @@
 
 The model is split into (graphdef, trainable params, everything else) once, outside `jax.jit`; the jitted
 step merges them, computes the loss and its gradient, and returns the new state. The same step trains the
-base text-to-image model (batches without neighbors) and the SuTI apprentice (batches with neighbors).
+base text-to-image model (batches without neighbors), the SuTI apprentice (batches with neighbors) and,
+later, the DreamBooth experts.
 
 A batch is a dict of arrays:
   images [B,H,W,C] in [-1, 1], ids / text_mask [B,L]                       (always)
   neighbor_images [B,K,H,W,C], neighbor_ids / neighbor_text_mask [B,K,L],
   neighbor_mask [B,K] bool                                                 (apprentice only)
+
+What the step does beyond the loss:
+- gradient accumulation: the batch is cut into train.grad_accum_steps micro-batches (strided, so each stays
+  spread over every device) whose gradients are averaged; every random draw (timesteps, noise, dropout) is made
+  for the whole batch first, so accumulation gives the same update as one big batch;
+- a NaN / inf guard: a non-finite loss or gradient leaves params, optimizer state and EMA untouched and sets
+  metrics["nonfinite"]; the trainer stops and names the step;
+- EMA weights (train.ema_decay > 0), updated after every step.
+Parameters are float32 master weights; `model.dtype = "bfloat16"` makes the forward pass compute in bf16.
 """
 from __future__ import annotations
 
@@ -32,9 +42,11 @@ NEIGHBOR_KEYS = ("neighbor_images", "neighbor_ids", "neighbor_text_mask", "neigh
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any  # nnx.State of the trainable parameters
+  params: Any  # nnx.State of the trainable parameters (float32 master weights)
   frozen: Any  # nnx.State of everything else (a frozen text encoder, non-parameter variables)
   opt_state: optax.OptState
+  ema: Any  # nnx.State like params, or None when train.ema_decay is 0
+  rng: jax.Array  # uint32 key data; step n draws from fold_in(rng, n), so a resumed run draws the same numbers
 
 
 def trainable_filter(cfg: mlc.ConfigDict):
@@ -44,11 +56,21 @@ def trainable_filter(cfg: mlc.ConfigDict):
   return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text")))
 
 
+def split_model(model: SuTIModel, cfg: mlc.ConfigDict) -> tuple[nnx.GraphDef, Any, Any]:
+  return nnx.split(model, trainable_filter(cfg), ...)
+
+
+def init_train_state(params: Any, frozen: Any, tx: optax.GradientTransformation, cfg: mlc.ConfigDict) -> TrainState:
+  """A fresh state; jit it with out_shardings to create it directly on the mesh."""
+  ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+                    ema=ema, rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
+
+
 def create_train_state(model: SuTIModel, tx: optax.GradientTransformation,
                        cfg: mlc.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
-  graphdef, params, frozen = nnx.split(model, trainable_filter(cfg), ...)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params))
-  return graphdef, state
+  graphdef, params, frozen = split_model(model, cfg)
+  return graphdef, init_train_state(params, frozen, tx, cfg)
 
 
 def check_batch(batch: Batch, model_neighbors: int) -> None:
@@ -67,6 +89,12 @@ def check_batch(batch: Batch, model_neighbors: int) -> None:
       raise ValueError(f"batch has {k} neighbors per example, more than model.num_neighbors = {model_neighbors}")
 
 
+def _micro_batches(tree: Any, num: int) -> Any:
+  """[B, ...] -> [num, B/num, ...] taking every num-th example, so a batch sharded in contiguous blocks over the
+  devices yields micro-batches that are still spread over all of them."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), tree)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: Schedule,
                     cfg: mlc.ConfigDict, null_ids: jax.Array, null_mask: jax.Array,
                     lr_schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch, jax.Array],
@@ -77,43 +105,76 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   """
   d = cfg.diffusion
   prediction, gamma = d.prediction, float(d.min_snr_gamma)
+  accum = int(cfg.train.get("grad_accum_steps", 1))
+  ema_decay = float(cfg.train.ema_decay)
 
-  def loss_fn(params, frozen, batch, rng):
-    model = nnx.merge(graphdef, params, frozen)
+  def draws(rng: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Every random number of the step, for the whole batch (independent of grad_accum_steps)."""
     drop_rng, t_rng, noise_rng = jax.random.split(rng, 3)
-    x0 = batch["images"]
-    b = x0.shape[0]
+    b = batch["images"].shape[0]
     with_neighbors = "neighbor_images" in batch
     keep_text, keep_neighbors = drop_conditioning(
         drop_rng, b, d.p_drop_text, d.p_drop_neighbors if with_neighbors else 0.0,
         d.p_drop_both if with_neighbors else 0.0)
-    ids = select_kept(keep_text, batch["ids"], null_ids)
-    text_mask = select_kept(keep_text, batch["text_mask"], null_mask)
+    return dict(keep_text=keep_text, keep_neighbors=keep_neighbors,
+                t=sample_timesteps(t_rng, b, schedule.num_timesteps),
+                noise=jax.random.normal(noise_rng, batch["images"].shape, jnp.float32))
+
+  def loss_fn(params, frozen, batch: Batch, r: dict[str, jax.Array]) -> jax.Array:
+    model = nnx.merge(graphdef, params, frozen)
+    ids = select_kept(r["keep_text"], batch["ids"], null_ids)
+    text_mask = select_kept(r["keep_text"], batch["text_mask"], null_mask)
     neighbors = None
-    if with_neighbors:
+    if "neighbor_images" in batch:
       neighbors = model.encode_neighbors(batch["neighbor_images"], batch["neighbor_ids"],
                                          batch["neighbor_text_mask"],
-                                         mask_neighbors(batch["neighbor_mask"], keep_neighbors))
-    t = sample_timesteps(t_rng, b, schedule.num_timesteps)
-    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-    x_t, target = training_targets(x0, t, noise, schedule, prediction)
-    pred = model(x_t, t, ids, text_mask, neighbors)
-    return weighted_mse(pred, target, t, schedule, prediction, gamma)
+                                         mask_neighbors(batch["neighbor_mask"], r["keep_neighbors"]))
+    x_t, target = training_targets(batch["images"], r["t"], r["noise"], schedule, prediction)
+    pred = model(x_t, r["t"], ids, text_mask, neighbors).astype(jnp.float32)
+    return weighted_mse(pred, target, r["t"], schedule, prediction, gamma)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def loss_and_grads(params, frozen, batch: Batch, r: dict[str, jax.Array]):
+    if accum == 1:
+      return grad_fn(params, frozen, batch, r)
+
+    def one(carry, micro):
+      loss, grads = grad_fn(params, frozen, *micro)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(one, zeros, _micro_batches((batch, r), accum))
+    return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
   def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.frozen, batch, rng)
+    loss, grads = loss_and_grads(state.params, state.frozen, batch, draws(rng, batch))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    ema = state.ema
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": ~finite}
     if lr_schedule is not None:
       metrics["lr"] = lr_schedule(state.step)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
+                              opt_state=keep_old(opt_state, state.opt_state),
+                              ema=None if ema is None else keep_old(ema, state.ema))
+    return new_state, metrics
 
   return step
 
 
+def step_rng(state: TrainState) -> jax.Array:
+  """The key of the step the state is at: a pure function of the run's seed and the step number."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def build_trainer(cfg: mlc.ConfigDict, model: SuTIModel, schedule: Schedule):
-  """Convenience: optimizer + state + jitted step for a model built from cfg."""
+  """Single-device convenience: optimizer + state + jitted step(state, batch, rng) for a model built from cfg."""
   from suti.train.optim import make_optimizer
 
   tx, lr = make_optimizer(cfg.train)

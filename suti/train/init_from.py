@@ -1,0 +1,53 @@
+"""Initialising a model from another run's weights: the SuTI apprentice from its base text-to-image model.
+
+Every weight of the base goes into the same path of the new model; paths only the new model has must be neighbor
+layers (zero-initialised output projections, so the apprentice starts as exactly the base model). Anything else
+missing, extra, or of another shape is a clear error.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from suti.models.neighbors import is_neighbor_param
+
+
+def flatten_weights(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """A nested dict of arrays -> {'a/b/0/kernel': array}."""
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(flatten_weights(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def load_weights(model: nnx.Module, weights: Mapping[str, Any]) -> int:
+  """Copies `weights` (nested dict or flat {'a/b/kernel': array}) into `model` in place; returns how many arrays
+  were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers."""
+  flat = flatten_weights(weights)
+  loaded = 0
+  missing = []
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = "/".join(map(str, path))
+    if name not in flat:
+      if not is_neighbor_param(path):
+        missing.append(name)
+      continue
+    value = np.asarray(flat.pop(name))
+    if tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f"init_from: shape mismatch for {name}: checkpoint {tuple(value.shape)}, "
+                       f"model {tuple(variable.shape)}")
+    variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+    loaded += 1
+  if missing:
+    raise ValueError(f"init_from: the checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]} "
+                     "(is it a run of another config?)")
+  if flat:
+    raise ValueError(f"init_from: {len(flat)} checkpoint weights have no place in this model, e.g. {next(iter(flat))}")
+  return loaded

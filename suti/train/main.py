@@ -1,0 +1,50 @@
+"""`suti train --config FILE --workdir DIR [--config.key=value ...]`: base or apprentice training.
+
+The config says which (model.num_neighbors = 0: text-to-image pretraining on image-text pair shards; > 0: SuTI
+apprentice training on ICL shards). Running the same command on the same workdir resumes the run. Multi-host:
+the same command on every host with `--distributed` (TPU pods, SLURM, MPI: JAX finds its peers) or with
+`--coordinator HOST:PORT --num-processes N --process-id I`. See launch/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from suti.config import load_config, split_overrides
+from suti.train.distributed import DistributedArgs, initialize
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="suti train", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="config file, e.g. configs/toy.py")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, sample grids")
+  parser.add_argument("--distributed", action="store_true",
+                      help="multi-host: jax.distributed.initialize() with auto-detection (TPU pod, SLURM, MPI)")
+  parser.add_argument("--coordinator", default="", help="HOST:PORT of process 0 (explicit multi-process)")
+  parser.add_argument("--num-processes", type=int, default=0)
+  parser.add_argument("--process-id", type=int, default=-1)
+  parser.add_argument("--max-steps", type=int, default=None,
+                      help="stop after this many steps of this invocation (the run itself still targets train.steps)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(rest)
+  cfg = load_config(args.config, overrides)
+  initialize(DistributedArgs.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
+
+  from suti.train.trainer import train  # after jax.distributed: importing it is fine, using devices is not
+
+  result = train(cfg, args.workdir, max_steps=args.max_steps, progress=False if args.no_progress else None)
+  return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
+
+
+if __name__ == "__main__":
+  from suti.cli import run_user_command
+
+  sys.exit(run_user_command(main, sys.argv[1:], "suti train"))
