@@ -96,6 +96,7 @@ def get_config() -> mlc.ConfigDict:
   c.data.format = "auto"  # pairs (image-text) | icl (target + neighbors) | auto: icl when model.num_neighbors > 0
   c.data.shuffle_buffer = 1000
   c.data.prefetch = 2
+  c.data.log_keys = False  # each process appends the sample keys of every step to <workdir>/input_keys.process<i>.jsonl
 
   # Device mesh: data parallel x FSDP; -1 takes the devices the other axis leaves. Batches split over both axes.
   c.mesh = mlc.ConfigDict()

@@ -210,6 +210,9 @@ class Trainer:
       return TrainResult(start, "done", self.workdir, float("nan"))
 
     data = self.make_input(position)
+    key_log = None
+    if cfg.data.get("log_keys", False):
+      key_log = open(os.path.join(self.workdir, f"input_keys.process{jax.process_index()}.jsonl"), "a")
     preview = PreviewSampler(self) if cfg.train.get("sample_every", 0) > 0 else None
     stopped_by, last_loss = "done", float("nan")
     pending: tuple[int, dict] | None = None
@@ -221,7 +224,9 @@ class Trainer:
       with PreemptionWatcher() as watcher:
         for step in range(start, end):
           local = next(data)
-          local.pop("keys", None)
+          keys = local.pop("keys", None)
+          if key_log is not None:
+            key_log.write(json.dumps({"step": step + 1, "keys": [str(k) for k in keys]}) + "\n")
           batch = mesh_lib.global_batch(local, self.mesh)
           if self.compiled is None:
             self.compile(batch)
@@ -248,6 +253,8 @@ class Trainer:
           preview.write(end)
     finally:
       data.close()
+      if key_log is not None:
+        key_log.close()
       if bar is not None:
         bar.close()
       self.checkpointer.wait()
@@ -255,8 +262,8 @@ class Trainer:
       self.writer.close()
     step = int(jax.device_get(self.state.step))
     counters = dict(data.counters)
-    if self.primary:
-      skipped = f"; skipped samples {counters}" if counters else ""
+    if self.primary or jax.process_count() > 1:
+      skipped = f"; samples skipped (all passes over the data) {counters}" if counters else ""
       if stopped_by == "preempted":
         log(f"stopped by SIGTERM at step {step}; checkpoint saved; run the same command to resume{skipped}")
       else:
@@ -339,7 +346,8 @@ class PreviewSampler:
 
 
 def log(message: str) -> None:
-  print(f"suti train: {message}", file=sys.stderr, flush=True)
+  who = f" [process {jax.process_index()}/{jax.process_count()}]" if jax.process_count() > 1 else ""
+  print(f"suti train{who}: {message}", file=sys.stderr, flush=True)
 
 
 def train(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None,
