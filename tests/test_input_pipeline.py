@@ -140,7 +140,7 @@ def test_batch_shapes_dtypes_and_content(pair_shards):
   with pairs_input(pair_shards) as stream:
     batches = take(stream, 3)
   for batch in batches:
-    assert sorted(batch) == ["ids", "images", "keys", "text_mask"]
+    assert sorted(batch) == ["ids", "images", "keys", "text_mask", "texts"]
     assert batch["images"].shape == (4, SIZE, SIZE, 3) and batch["images"].dtype == np.float32
     assert batch["ids"].shape == (4, TEXT_LEN) and batch["ids"].dtype == np.int32
     assert batch["text_mask"].shape == (4, TEXT_LEN) and batch["keys"].shape == (4,)
@@ -150,6 +150,7 @@ def test_batch_shapes_dtypes_and_content(pair_shards):
       expected = np.asarray(pair_color(index), np.float32) * (2 / 255) - 1
       np.testing.assert_allclose(image, np.broadcast_to(expected, image.shape), atol=1e-6)
       assert detokenize(ids) == f"c{index}"
+    assert [str(t) for t in batch["texts"]] == [f"c{int(k[1:])}" for k in batch["keys"]]
 
 
 def test_same_seed_same_batches_other_seed_other_order(pair_shards):

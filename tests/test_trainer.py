@@ -105,8 +105,8 @@ def test_a_nan_stops_the_run_and_names_the_step(web, tmp_path):
 
 
 def test_apprentice_starts_from_a_base_run(web, tmp_path):
-  """A toy apprentice initialised from a base workdir: base weights loaded, neighbor layers fresh."""
-  import jax
+  """A toy apprentice initialised from a base workdir: base weights loaded, neighbor layers fresh; it trains on
+  ICL shards and draws its preview grid."""
   from flax import nnx
 
   from suti.models.model import SuTIModel
@@ -135,4 +135,19 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   fresh_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
   name = "unet/conv_in/kernel"
   assert not np.array_equal(np.asarray(fresh_flat[name].get_value()), flat[name])
-  del jax
+
+  # Two apprentice steps on ICL shards, with the demos | output preview grid written at step 2.
+  from PIL import Image
+
+  from suti.train.preview import sample_grid
+  from test_input_pipeline import write_icl_shard
+  write_icl_shard(str(tmp_path / "icl-000000.tar"), [3, 2, 5, 3, 1, 4, 3, 3, 2, 3])
+  cfg = tiny_config("toy_suti.py", RUN + [("train.init_from", base_dir), ("train.steps", "2"),
+                                          ("train.sample_every", "2"), ("train.num_samples", "4"),
+                                          ("sample.steps", "3"), ("data.shards", str(tmp_path / "icl-000000.tar"))])
+  result = train(cfg, str(tmp_path / "apprentice"))
+  assert result.step == 2 and np.isfinite(result.last_loss)
+  grid = np.asarray(Image.open(str(tmp_path / "apprentice" / "samples" / "step_00000002.png")))
+  expected = sample_grid(np.zeros((4, 8, 8, 3)), np.zeros((4, 3, 8, 8, 3)), demo_mask=np.ones((4, 3), bool),
+                         captions=["t0"] * 4)
+  assert grid.shape == expected.shape  # 4 rows of 3 demos | output

@@ -259,7 +259,8 @@ class _Example:
 class TrainInput:
   """Host-local training batches, forever; see the module docstring for the rules of the stream.
 
-  Batches (numpy): images float32 [B,H,W,3] in [-1,1]; ids int32 [B,L]; text_mask [B,L]; keys str [B]; for
+  Batches (numpy): images float32 [B,H,W,3] in [-1,1]; ids int32 [B,L]; text_mask [B,L]; keys str [B]; texts str [B]
+  (the captions, for previews); for
   kind="icl" also neighbor_images [B,K,H,W,3], neighbor_ids int32 [B,K,L], neighbor_text_mask [B,K,L],
   neighbor_mask bool [B,K]. Padding neighbors have zero images, neighbor_mask False, and the tokens of the
   empty caption (a valid null text, so a text encoder never sees a fully masked row).
@@ -370,7 +371,8 @@ class TrainInput:
     b = len(examples)
     ids, mask = self._tokens([e.text for e in examples], b)
     batch = {"images": np.stack([e.image for e in examples]), "ids": ids, "text_mask": mask,
-             "keys": np.array([e.key for e in examples], dtype=str)}
+             "keys": np.array([e.key for e in examples], dtype=str),
+             "texts": np.array([e.text for e in examples], dtype=str)}
     if self.kind == "icl":
       k, s = self.num_neighbors, self.image_size
       images = np.zeros((b, k, s, s, 3), np.float32)

@@ -225,6 +225,7 @@ class Trainer:
         for step in range(start, end):
           local = next(data)
           keys = local.pop("keys", None)
+          local.pop("texts", None)  # host-side strings: sample keys and captions are not model inputs
           if key_log is not None:
             key_log.write(json.dumps({"step": step + 1, "keys": [str(k) for k in keys]}) + "\n")
           batch = mesh_lib.global_batch(local, self.mesh)
@@ -339,7 +340,7 @@ class PreviewSampler:
     if t.primary:
       demos = None if self.demos is None else self.demos["images"]
       mask = None if self.demos is None else self.demos["neighbor_mask"]
-      captions = [str(k) for k in self.batch["keys"]]
+      captions = [str(k) for k in self.batch["texts"]]
       save_sample_grid(path, images, demos, demo_mask=mask, captions=captions)
       t.writer.write_image(step, "samples", sample_grid(images, demos, demo_mask=mask))
     return path
