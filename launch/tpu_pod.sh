@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM (a pod slice or a single host) from your workstation.
 #
-# usage: TPU_NAME=my-v4-128 ZONE=us-central2-b WORKDIR=gs://bucket/runs/imagen64 \
+# usage: TPU_NAME=my-v4-128 ZONE=us-central2-b MOUNT_BUCKET=my-bucket WORKDIR=/mnt/my-bucket/runs/imagen64 \
 #          bash launch/tpu_pod.sh [--config.key=value ...]
 #
-# Three steps, each on every worker of the TPU (gcloud ... --worker=all):
+# Steps, each on every worker of the TPU (gcloud ... --worker=all):
 #   sync   copy this working tree (tracked + untracked, not ignored files) to the workers with
 #          `gcloud compute tpus tpu-vm scp`, or `git clone` it there (SYNC=git)
 #   setup  launch/tpu_setup.sh: venv, the project, jax[tpu] at the pinned version, a device check
+#          (and gcsfuse when MOUNT_BUCKET is set)
+#   mount  only with MOUNT_BUCKET: `gcsfuse GCSFUSE_FLAGS MOUNT_BUCKET MOUNT_POINT` (skipped where mounted)
 #   train  the same `suti train --config CONFIG --workdir WORKDIR --distributed ...` on every worker;
 #          jax.distributed.initialize() finds the other workers by itself on Cloud TPU
 # Arguments after the options go to `suti train` unchanged (e.g. --config.mesh.fsdp=8).
 #
-# WORKDIR must be storage that every worker sees: a gs:// bucket (Orbax writes checkpoints there;
-# process 0 writes metrics.jsonl and TensorBoard events). Rerunning the same command resumes from the
-# latest checkpoint in WORKDIR, so after a spot / preemptible TPU is preempted: recreate it and rerun
-# (STEPS=sync,setup,train on a fresh VM, STEPS=train when the workers still have the venv).
+# WORKDIR must be a filesystem path every worker sees: a bucket mounted with gcsfuse on every worker
+# (MOUNT_BUCKET does that) or a Filestore NFS mount. `suti train` writes ordinary files there (Orbax
+# checkpoints from every process; metrics.jsonl, TensorBoard events, sample grids from process 0) and
+# rejects gs:// URLs. Rerunning the same command resumes from the latest checkpoint in WORKDIR, so after a
+# spot / preemptible TPU is preempted: recreate it and rerun (the default STEPS on a fresh VM;
+# STEPS=mount,train on a restarted one, which still has the venv but lost its mounts).
 #
 # environment:
 #   TPU_NAME, ZONE  the TPU VM and its zone (required)
 #   PROJECT         Google Cloud project (default: gcloud's configured project)
-#   WORKDIR         shared run folder, normally gs://... (required)
+#   WORKDIR         run folder every worker sees, e.g. /mnt/my-bucket/runs/x; not a gs:// URL (required)
+#   MOUNT_BUCKET    a Cloud Storage bucket to mount on every worker with gcsfuse (default: none)
+#   MOUNT_POINT     where to mount it (default: /mnt/MOUNT_BUCKET)
+#   GCSFUSE_FLAGS   gcsfuse options (default: --implicit-dirs --rename-dir-limit=200000; Orbax finishes
+#                   a checkpoint by renaming its folder, which gcsfuse refuses on a flat bucket without the limit)
 #   CONFIG          config file (default: configs/imagen64.py)
-#   DATA            shards for --config.data.shards, e.g. 'gs://bucket/pairs/*.tar' (default: the config's)
-#   STEPS           comma-separated subset of sync,setup,train (default: sync,setup,train)
+#   DATA            shards for --config.data.shards, e.g. 'gs://bucket/pairs/{00000..01023}.tar' (a brace
+#                   pattern: * is expanded only for local paths; default: the config's)
+#   STEPS           comma-separated subset of sync,setup,mount,train
+#                   (default: sync,setup,train, and mount too when MOUNT_BUCKET is set)
 #   SYNC            scp | git (default: scp)
 #   GIT_URL, GIT_REF  for SYNC=git (default: this checkout's origin URL and HEAD commit)
 #   REMOTE_DIR      repository folder on the workers, relative to the home folder (default: suti-jax)
@@ -57,22 +67,34 @@ PROJECT=${PROJECT:-}
 WORKDIR=${WORKDIR:-}
 CONFIG=${CONFIG:-configs/imagen64.py}
 DATA=${DATA:-}
-STEPS=${STEPS:-sync,setup,train}
+MOUNT_BUCKET=${MOUNT_BUCKET:-}
+MOUNT_POINT=${MOUNT_POINT:-/mnt/$MOUNT_BUCKET}
+GCSFUSE_FLAGS=${GCSFUSE_FLAGS:---implicit-dirs --rename-dir-limit=200000}
+if [[ -n $MOUNT_BUCKET ]]; then STEPS=${STEPS:-sync,setup,mount,train}; else STEPS=${STEPS:-sync,setup,train}; fi
 SYNC=${SYNC:-scp}
 REMOTE_DIR=${REMOTE_DIR:-suti-jax}
 DETACH=${DETACH:-0}
 SUTI=${SUTI:-suti}
 [[ -n $TPU_NAME ]] || die "set TPU_NAME (the TPU VM name); see --help"
 [[ -n $ZONE ]] || die "set ZONE (the TPU's zone); see --help"
-[[ -n $WORKDIR ]] || die "set WORKDIR (shared storage, e.g. gs://bucket/run); see --help"
+[[ -n $WORKDIR ]] || die "set WORKDIR (a folder every worker sees, e.g. /mnt/my-bucket/runs/x); see --help"
+[[ $WORKDIR != *://* ]] || die "WORKDIR=$WORKDIR is a URL, but suti train writes ordinary files:" \
+  "mount the bucket on every worker (MOUNT_BUCKET=my-bucket runs gcsfuse) and set WORKDIR=/mnt/my-bucket/..."
 [[ -f $REPO_DIR/$CONFIG ]] || die "config $CONFIG not found under $REPO_DIR"
 [[ $SYNC == scp || $SYNC == git ]] || die "SYNC must be scp or git, got '$SYNC'"
 for step in ${STEPS//,/ }; do
-  [[ $step == sync || $step == setup || $step == train ]] || die "unknown step '$step' in STEPS (sync,setup,train)"
+  [[ $step =~ ^(sync|setup|mount|train)$ ]] || die "unknown step '$step' in STEPS (sync,setup,mount,train)"
 done
-if [[ $WORKDIR != gs://* ]]; then
-  echo "tpu_pod.sh: warning: WORKDIR=$WORKDIR is not gs://; on a multi-host pod it must be a folder every" \
-       "worker sees at the same path (a gcsfuse or NFS mount)" >&2
+if [[ -n $MOUNT_BUCKET ]]; then
+  [[ $MOUNT_BUCKET =~ ^[a-z0-9][a-z0-9._-]*$ ]] || die "MOUNT_BUCKET is a bucket name (my-bucket), got '$MOUNT_BUCKET'"
+  [[ $MOUNT_POINT == /* ]] || die "MOUNT_POINT must be an absolute path, got '$MOUNT_POINT'"
+  MOUNT_POINT=${MOUNT_POINT%/}
+  if [[ $WORKDIR != "$MOUNT_POINT"/* ]]; then
+    echo "tpu_pod.sh: warning: WORKDIR=$WORKDIR is not under MOUNT_POINT=$MOUNT_POINT; on a multi-host pod" \
+         "it must be a folder every worker sees at the same path" >&2
+  fi
+elif [[ ,$STEPS, == *,mount,* ]]; then
+  die "STEPS has mount but MOUNT_BUCKET is not set"
 fi
 
 read -ra gcloud_flags <<< "${GCLOUD_FLAGS:-}"
@@ -102,7 +124,16 @@ elif wants sync; then
 fi
 
 if wants setup; then
-  on_all_workers "cd $(remote_words "$REMOTE_DIR") && bash launch/tpu_setup.sh"
+  setup_env=""
+  [[ -n $MOUNT_BUCKET ]] && setup_env="MOUNT_BUCKET=$(remote_words "$MOUNT_BUCKET") "  # installs gcsfuse
+  on_all_workers "cd $(remote_words "$REMOTE_DIR") && ${setup_env}bash launch/tpu_setup.sh"
+fi
+
+mount_point=$(remote_words "$MOUNT_POINT")
+if wants mount; then
+  # gcsfuse runs as the ssh user, so that user owns the mount point; a live mount is left as it is.
+  # GCSFUSE_FLAGS goes in unquoted: it is a list of options for the worker's shell.
+  on_all_workers "if mountpoint -q $mount_point; then echo $mount_point already mounted; else sudo mkdir -p $mount_point && sudo chown \"\$(id -u):\$(id -g)\" $mount_point && gcsfuse ${GCSFUSE_FLAGS} $(remote_words "$MOUNT_BUCKET") $mount_point; fi"
 fi
 
 if wants train; then
@@ -110,6 +141,8 @@ if wants train; then
   [[ -n $DATA ]] && train+=("--config.data.shards=$DATA")
   train+=(--distributed "$@")
   prefix="cd $(remote_words "$REMOTE_DIR") && source .venv/bin/activate && "
+  # Without its mount, each worker would write its own local WORKDIR and no checkpoint would be whole.
+  [[ -n $MOUNT_BUCKET ]] && prefix="mountpoint -q $mount_point || { echo $mount_point is not mounted on \$(hostname): run STEPS=mount >&2; exit 1; }; $prefix"
   [[ -n ${LIBTPU_INIT_ARGS:-} ]] && prefix+="export LIBTPU_INIT_ARGS=$(remote_words "$LIBTPU_INIT_ARGS") && "
   if [[ $DETACH == 1 ]]; then
     on_all_workers "${prefix}nohup $(remote_words "${train[@]}") > train.log 2>&1 < /dev/null &"

@@ -7,6 +7,8 @@
 # version pinned in setup.py (so jax, jaxlib and libtpu match), and checks that JAX sees the TPU chips.
 # Run it on all workers of a pod at the same time: TPU initialisation waits for every host of the slice,
 # so the check hangs on a lone worker. Rerunning is safe (the venv is reused, pip skips what is there).
+# With MOUNT_BUCKET set it also installs gcsfuse from Google's apt repository (if it is not on PATH);
+# tpu_pod.sh then mounts the bucket.
 #
 # environment (all optional):
 #   PYTHON       interpreter for the venv (default: the first of python3.12, python3.11 on PATH; needs >= 3.11)
@@ -15,6 +17,7 @@
 #   JAX_VERSION  jax version for jax[tpu] (default: the jax==X pin read from setup.py)
 #   LIBTPU_LINKS pip --find-links page for libtpu (default: Google's libtpu release page)
 #   TORCH_INDEX  extra pip index for torch; the CPU wheels avoid GBs of CUDA (default: PyTorch's cpu index)
+#   MOUNT_BUCKET when set (to the bucket tpu_pod.sh mounts), install gcsfuse with apt (needs sudo)
 #   DRY_RUN=1    print the commands instead of running them
 set -euo pipefail
 
@@ -60,6 +63,15 @@ if [[ ! -x $VENV/bin/python ]]; then run "$PYTHON" -m venv "$VENV"; fi
 run "$VENV/bin/python" -m pip install --upgrade pip
 run "$VENV/bin/python" -m pip install --extra-index-url "$TORCH_INDEX" -e ".[$EXTRAS]"
 run "$VENV/bin/python" -m pip install "jax[tpu]==$JAX_VERSION" -f "$LIBTPU_LINKS"
+if [[ -n ${MOUNT_BUCKET:-} ]] && ! command -v gcsfuse >/dev/null; then
+  codename=$( (. /etc/os-release && echo "${VERSION_CODENAME:-}") 2>/dev/null || true)
+  [[ -n $codename || ${DRY_RUN:-0} == 1 ]] || die "no VERSION_CODENAME in /etc/os-release; install gcsfuse by hand"
+  keyring=/usr/share/keyrings/cloud.google.asc
+  run sudo curl -fsSL -o "$keyring" https://packages.cloud.google.com/apt/doc/apt-key.gpg
+  run sudo sh -c "echo 'deb [signed-by=$keyring] https://packages.cloud.google.com/apt gcsfuse-${codename:-CODENAME} main' > /etc/apt/sources.list.d/gcsfuse.list"
+  run sudo apt-get update -q
+  run sudo apt-get install -y -q gcsfuse
+fi
 run "$VENV/bin/python" -c \
   "import jax; print(f'process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local, {jax.device_count()} total devices ({jax.devices()[0].platform})')"
 echo "tpu_setup.sh: done; activate with: source $VENV/bin/activate"

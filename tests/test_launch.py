@@ -1,11 +1,13 @@
 """Launch scripts (launch/): syntax, --help, the commands they print under DRY_RUN=1, and the commands they run.
 
-Nothing external runs: `gcloud`, `srun`, `scontrol` and `suti` are fakes on PATH that record their arguments.
+Nothing external runs: `gcloud`, `srun`, `scontrol`, `suti` (and, for the commands run on TPU workers,
+`mountpoint`, `sudo`, `gcsfuse`) are fakes on PATH that record their arguments.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -37,6 +39,10 @@ FAKE_EXTRAS = {
     # suti's toyweb writes a shard, so a second run finds it.
     "suti": ('if [[ "$1 $2" == "data toyweb" ]]; then mkdir -p "$4" && : > "$4/00000.tar"; fi\n'
              'exit "${FAKE_SUTI_STATUS:-0}"\n'),
+    # mountpoint answers "mounted" when FAKE_MOUNTED=1; sudo and gcsfuse only record.
+    "mountpoint": '[[ ${FAKE_MOUNTED:-0} == 1 ]]\n',
+    "sudo": "",
+    "gcsfuse": "",
 }
 
 
@@ -105,8 +111,9 @@ def test_readme_covers_every_script():
 # --- TPU ---
 
 def tpu_env(fakes: Path, **extra: str) -> dict[str, str]:
-  return clean_env(fakes, TPU_NAME="fake-tpu", ZONE="fake-zone1-a", PROJECT="fake-project",
-                   CONFIG="configs/toy.py", WORKDIR="gs://fake-bucket/run1", **extra)
+  settings = dict(TPU_NAME="fake-tpu", ZONE="fake-zone1-a", PROJECT="fake-project", CONFIG="configs/toy.py",
+                  WORKDIR="/mnt/fake-bucket/run1")
+  return clean_env(fakes, **{**settings, **extra})
 
 
 def test_tpu_pod_dry_run_prints_sync_setup_and_distributed_train(fakes: Path):
@@ -119,8 +126,9 @@ def test_tpu_pod_dry_run_prints_sync_setup_and_distributed_train(fakes: Path):
   assert any(c.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in c for c in commands)
   assert "launch/tpu_setup.sh" in ssh[1]
   train = ssh[2]
-  assert "suti train --config configs/toy.py --workdir gs://fake-bucket/run1 --distributed --config.mesh.fsdp=4" \
+  assert "suti train --config configs/toy.py --workdir /mnt/fake-bucket/run1 --distributed --config.mesh.fsdp=4" \
       in train
+  assert "gcsfuse" not in result.stdout and "mountpoint" not in result.stdout  # no MOUNT_BUCKET, no mount
   assert calls(fakes) == []  # a dry run runs nothing
 
 
@@ -159,6 +167,80 @@ def test_tpu_pod_needs_its_settings(fakes: Path, missing: str):
   assert calls(fakes) == []
 
 
+def test_tpu_pod_rejects_a_url_workdir(fakes: Path):
+  result = run_script("tpu_pod.sh", tpu_env(fakes, WORKDIR="gs://fake-bucket/run1", DRY_RUN="1"))
+  assert result.returncode == 2
+  assert result.stderr.startswith("tpu_pod.sh: error: WORKDIR=gs://fake-bucket/run1 is a URL")
+  assert "gcsfuse" in result.stderr and result.stderr.count("\n") == 1
+  assert result.stdout == "" and calls(fakes) == []
+
+
+def worker_command(call: list[str]) -> str:
+  return next(a for a in call if a.startswith("--command="))[len("--command="):]
+
+
+def test_tpu_pod_mount_bucket_dry_run_mounts_on_all_workers(fakes: Path):
+  result = run_script("tpu_pod.sh", tpu_env(fakes, DRY_RUN="1", MOUNT_BUCKET="fake-bucket"))
+  assert result.returncode == 0, result.stderr
+  assert result.stderr == ""  # WORKDIR is under the mount point: no warning
+  ssh = [c for c in printed_commands(result.stdout) if c.startswith("gcloud compute tpus tpu-vm ssh fake-tpu")]
+  assert len(ssh) == 4  # unpack, setup, mount, train
+  assert all("--worker=all" in c for c in ssh)
+  assert "MOUNT_BUCKET=fake-bucket bash launch/tpu_setup.sh" in ssh[1]  # which installs gcsfuse
+  assert "mountpoint -q /mnt/fake-bucket" in ssh[2] and "sudo mkdir -p /mnt/fake-bucket" in ssh[2]
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 fake-bucket /mnt/fake-bucket" in ssh[2]
+  assert "--workdir /mnt/fake-bucket/run1" in ssh[3]
+  assert calls(fakes) == []
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_tpu_pod_mount_command_runs_gcsfuse_once(fakes: Path, mounted: bool):
+  env = tpu_env(fakes, MOUNT_BUCKET="fake-bucket", MOUNT_POINT="/mnt/my point/", STEPS="mount",
+                WORKDIR="/mnt/my point/run1", GCSFUSE_FLAGS="--implicit-dirs -o ro")
+  result = run_script("tpu_pod.sh", env)
+  assert result.returncode == 0, result.stderr
+  (call,) = calls(fakes)
+  command = worker_command(call)
+  (fakes / "calls.log").unlink()
+  # What a worker's shell does with the command (fakes for mountpoint, sudo, gcsfuse).
+  on_worker = subprocess.run(["bash", "-c", command], env=clean_env(fakes, FAKE_MOUNTED=str(int(mounted))),
+                             capture_output=True, text=True, cwd=fakes)
+  assert on_worker.returncode == 0, on_worker.stderr
+  owner = f"{os.getuid()}:{os.getgid()}"
+  expected = [["mountpoint", "-q", "/mnt/my point"]]
+  if not mounted:
+    expected += [["sudo", "mkdir", "-p", "/mnt/my point"], ["sudo", "chown", owner, "/mnt/my point"],
+                 ["gcsfuse", "--implicit-dirs", "-o", "ro", "fake-bucket", "/mnt/my point"]]
+  assert calls(fakes) == expected
+
+
+def test_tpu_pod_train_stops_where_the_bucket_is_not_mounted(fakes: Path):
+  env = tpu_env(fakes, MOUNT_BUCKET="fake-bucket", MOUNT_POINT="/mnt/my point", STEPS="train",
+                WORKDIR="/mnt/my point/run1")
+  result = run_script("tpu_pod.sh", env)
+  assert result.returncode == 0, result.stderr
+  (call,) = calls(fakes)
+  (fakes / "calls.log").unlink()
+  on_worker = subprocess.run(["bash", "-c", worker_command(call)], env=clean_env(fakes), capture_output=True,
+                             text=True, cwd=fakes)
+  assert on_worker.returncode == 1
+  assert on_worker.stderr.startswith("/mnt/my point is not mounted on ")
+  assert on_worker.stderr.endswith(": run STEPS=mount\n")
+  assert calls(fakes) == [["mountpoint", "-q", "/mnt/my point"]]  # suti never started
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"STEPS": "mount"}, "STEPS has mount but MOUNT_BUCKET is not set"),
+    ({"STEPS": "sync,deploy"}, "unknown step 'deploy' in STEPS (sync,setup,mount,train)"),
+    ({"MOUNT_BUCKET": "gs://fake-bucket"}, "MOUNT_BUCKET is a bucket name (my-bucket), got 'gs://fake-bucket'"),
+])
+def test_tpu_pod_bad_steps_and_mounts(fakes: Path, setting: dict[str, str], message: str):
+  result = run_script("tpu_pod.sh", tpu_env(fakes, **setting))
+  assert result.returncode == 2
+  assert result.stderr == f"tpu_pod.sh: error: {message}\n"
+  assert calls(fakes) == []
+
+
 def test_tpu_setup_installs_the_pinned_jax_for_tpu(fakes: Path):
   pinned = re.search(r'"jax==([0-9.]+)"', (REPO / "setup.py").read_text()).group(1)
   result = run_script("tpu_setup.sh", clean_env(fakes, DRY_RUN="1", PYTHON="python3.11"))
@@ -170,6 +252,27 @@ def test_tpu_setup_installs_the_pinned_jax_for_tpu(fakes: Path):
       in commands
   assert any(c.startswith(f"{venv}/bin/python -m pip install 'jax[tpu]=={pinned}'") for c in commands)
   assert "jax.device_count()" in commands[-1]
+  assert not any("gcsfuse" in c for c in commands)  # only with MOUNT_BUCKET
+
+
+@pytest.mark.skipif(shutil.which("gcsfuse") is not None, reason="gcsfuse is installed here: nothing to install")
+def test_tpu_setup_installs_gcsfuse_for_a_mount(fakes: Path):
+  (fakes / "bin" / "gcsfuse").unlink()  # a worker without it
+  result = run_script("tpu_setup.sh", clean_env(fakes, DRY_RUN="1", PYTHON="python3.11", MOUNT_BUCKET="b"))
+  assert result.returncode == 0, result.stderr
+  commands = printed_commands(result.stdout)
+  apt_list = next(c for c in commands if "/etc/apt/sources.list.d/gcsfuse.list" in c)
+  assert "https://packages.cloud.google.com/apt gcsfuse-" in apt_list
+  assert commands.index(apt_list) < commands.index("sudo apt-get update -q") \
+      < commands.index("sudo apt-get install -y -q gcsfuse")
+  assert "jax.device_count()" in commands[-1]  # the device check stays last
+  assert calls(fakes) == []
+
+
+def test_tpu_setup_keeps_an_installed_gcsfuse(fakes: Path):
+  result = run_script("tpu_setup.sh", clean_env(fakes, DRY_RUN="1", PYTHON="python3.11", MOUNT_BUCKET="b"))
+  assert result.returncode == 0, result.stderr
+  assert "apt-get" not in result.stdout  # the fake gcsfuse is on PATH
 
 
 # --- GPU, one node ---
