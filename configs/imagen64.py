@@ -3,7 +3,12 @@
 Smaller than Imagen's 2B base (channels 256..1024, two ResBlocks per level); attention at 32, 16 and 8.
 
   suti info --config configs/imagen64.py
-  suti train --config configs/imagen64.py --workdir gs://bucket/imagen64 --config.data.shards='gs://bucket/pairs/*.tar'
+  # a TPU v4-128 pod (64 chips: mesh 8 x 8), the same command on every worker, the bucket mounted with gcsfuse:
+  TPU_NAME=my-v4-128 ZONE=us-central2-b CONFIG=configs/imagen64.py WORKDIR=/mnt/my-bucket/runs/imagen64 \
+  DATA='gs://my-bucket/pairs/{00000..01023}.tar' bash launch/tpu_pod.sh \
+      --config.text.checkpoint=/models/t5-v1_1-xl --config.model.dtype=bfloat16
+
+Parameters and Adam moments are sharded 8-way over `fsdp`, the batch over all 64 chips (launch/README.md).
 """
 import ml_collections as mlc
 

@@ -5,6 +5,9 @@ A diffusers-format UNet (safetensors) converts into this model; the VAE is a lat
 
   suti info --config configs/sd15.py
   suti info --config configs/sd15.py --config.model.num_neighbors=3   # the apprentice on top of it
+  # GPUs: one node (all local GPUs), or SLURM nodes joined by jax.distributed (launch/README.md)
+  CONFIG=configs/sd15.py WORKDIR=/data/runs/sd15 bash launch/gpu_single_node.sh --config.model.dtype=bfloat16
+  CONFIG=configs/sd15.py WORKDIR=/shared/runs/sd15 sbatch --nodes=4 launch/slurm_multinode.sbatch
 """
 import ml_collections as mlc
 

@@ -4,7 +4,11 @@ Each of up to 3 demos goes through the base UNet's own down blocks and mid block
 becomes 16 tokens; neighbor attention (zero-initialized) sits in the mid block and the 4x4 up block.
 
   suti info --config configs/toy_suti.py
-  suti train --config configs/toy_suti.py --workdir /tmp/toy_suti --config.data.shards='/tmp/pipe/icl/*.tar'
+  suti train --config configs/toy_suti.py --workdir /tmp/toy_suti --config.data.shards='/tmp/pipe/icl/*.tar' \
+      --config.train.init_from=/tmp/toy_base
+
+train.init_from names a base run (its workdir or one checkpoint step): its EMA weights initialise every layer the
+two models share; the neighbor layers start fresh with zero output projections, so step 0 is the base model.
 """
 import ml_collections as mlc
 

@@ -353,5 +353,8 @@ def log(message: str) -> None:
 
 def train(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None,
           progress: bool | None = None) -> TrainResult:
+  if "://" in workdir:  # metrics.jsonl is appended line by line: object stores cannot append
+    raise ValueError(f"--workdir must be a filesystem path, got '{workdir}': mount the bucket (gcsfuse "
+                     "--implicit-dirs BUCKET /mnt/BUCKET) or use a shared filesystem (see launch/README.md)")
   os.makedirs(workdir, exist_ok=True)
   return Trainer(cfg, workdir, progress=progress).run(max_steps)
