@@ -1,4 +1,6 @@
 """Optimizers, schedules, gradient clipping's flag, EMA, the NaN guard and bf16 compute of the train step."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,11 +82,18 @@ def _batch(model, n=4, nan=False):
   return {"images": jnp.asarray(images), "ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
 
 
-def _one_step(overrides=(), nan=False):
+@functools.lru_cache(maxsize=None)
+def _trainer(overrides=()):
+  """(model, host copy of the initial state, jitted step): compiled once per config for the tests below."""
   cfg = tiny_config(overrides=[("train.ema_decay", "0.9"), ("train.warmup_steps", "0")] + list(overrides))
   model = SuTIModel(cfg, rngs=nnx.Rngs(0))
   _, state, step = build_trainer(cfg, model, make_schedule(cfg.diffusion))
-  before = jax.tree.map(np.asarray, state)
+  return model, jax.tree.map(np.asarray, state), step
+
+
+def _one_step(overrides=(), nan=False):
+  model, before, step = _trainer(tuple(overrides))
+  state = jax.tree.map(jnp.asarray, before)  # a fresh device copy: the step donates its input state
   after, metrics = step(state, _batch(model, nan=nan), jax.random.key(1))
   return before, jax.tree.map(np.asarray, after), jax.tree.map(np.asarray, metrics), model
 
@@ -109,7 +118,7 @@ def test_a_nan_batch_leaves_the_state_untouched():
 
 def test_bf16_compute_keeps_float32_master_weights():
   _, f32, m32, _ = _one_step()
-  _, bf16, m16, model = _one_step([("model.dtype", "bfloat16")])
+  _, bf16, m16, model = _one_step((("model.dtype", "bfloat16"),))
   assert {leaf.dtype for leaf in jax.tree.leaves(bf16.params)} == {np.dtype(np.float32)}
   assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05 * float(m32["loss"])
   assert float(m16["loss"]) != float(m32["loss"])
