@@ -424,24 +424,20 @@ class TrainInput:
   def _fill_queue(self) -> None:
     try:
       for item in self._generate():
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
+        if not self._put_until_stopped(item):
           return
     except BaseException as e:  # noqa: BLE001 -- handed to the caller, raised there
-      self._put_final(e)
+      self._put_until_stopped(e)
 
-  def _put_final(self, error: BaseException) -> None:
+  def _put_until_stopped(self, item) -> bool:
+    """Puts `item` on the queue, waiting for room; False if close() was called meanwhile."""
     while not self._stop.is_set():
       try:
-        self._queue.put(error, timeout=0.1)
-        return
+        self._queue.put(item, timeout=0.1)
+        return True
       except queue.Full:
         continue
+    return False
 
   def _start(self) -> None:
     if self.prefetch == 0:
