@@ -24,19 +24,9 @@
 #   DRY_RUN=1    print the command instead of running it
 set -euo pipefail
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-# Prints a command so that it can be pasted back into a shell.
-show() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$arg "; else out+="'${arg//\'/\'\\\'\'}' "; fi
-  done
-  printf '+ %s\n' "${out% }"
-}
-run() { show "$@"; if [[ ${DRY_RUN:-0} != 1 ]]; then "$@"; fi; }
-die() { echo "gpu_single_node.sh: error: $*" >&2; exit 2; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
+exit_on_help "$@"
 
 WORKDIR=${WORKDIR:-}
 CONFIG=${CONFIG:-configs/imagen64.py}

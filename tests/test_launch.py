@@ -102,6 +102,17 @@ def test_help_prints_usage(name: str, fakes: Path):
   assert calls(fakes) == []
 
 
+def test_scripts_share_the_helpers_of_common_sh():
+  subprocess.run(["bash", "-n", str(LAUNCH / "common.sh")], check=True)
+  source_line = 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"\n'
+  for name in SCRIPTS:
+    text = (LAUNCH / name).read_text()
+    if name.endswith(".sbatch"):  # sbatch runs a spool copy: no sibling file to source, its own helpers
+      assert "common.sh\"" not in text and "\ndie() {" in text
+    else:
+      assert source_line in text and "\ndie() {" not in text and "\nshow() {" not in text, name
+
+
 def test_readme_covers_every_script():
   readme = (LAUNCH / "README.md").read_text()
   for name in SCRIPTS:
