@@ -43,6 +43,10 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, t
   train(tiny_config(overrides=RUN + steps + [("data.shards", os.path.join(web, "*.tar"))]), full)
   expected = _losses(full)
   assert sorted(expected) == list(range(1, 11))
+  logged = read_metrics(full)
+  assert {"loss", "lr", "grad_norm", "img_per_s", "img_per_s_per_device", "tflops_per_device"} <= set(logged[0])
+  skipped = [m["samples_skipped"] for m in logged]
+  assert skipped == sorted(skipped) and skipped[-1] > 0  # the toy web's corrupt files, counted as they pass
 
   # The same run in a subprocess, stopped by SIGTERM once a few steps are logged, then resumed.
   cut = str(tmp_path / "cut")

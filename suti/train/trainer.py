@@ -136,6 +136,7 @@ class Trainer:
     self.compiled = None
     self.flops_per_step = 0.0
     self._last_log = (0, time.perf_counter())  # (step, time) of the last metrics line: img/s over the window
+    self._skipped = 0
 
   # ----- input -----------------------------------------------------------------------------------------------
 
@@ -233,6 +234,7 @@ class Trainer:
             self.compile(batch)
             self._last_log = (start, time.perf_counter())
           self.state, metrics = self.compiled(self.state, batch)
+          self._skipped = sum(data.counters.values())
           if pending is not None:  # read step n-1 while step n runs
             last_loss = self.check_and_log(*pending, bar)
           pending = (step + 1, metrics)
@@ -289,7 +291,8 @@ class Trainer:
       self._last_log = (step, now)
       img_per_s = steps_per_s * self.cfg.train.batch_size
       values.update(img_per_s=img_per_s, img_per_s_per_device=img_per_s / jax.device_count(),
-                    tflops_per_device=steps_per_s * self.flops_per_step / 1e12)
+                    tflops_per_device=steps_per_s * self.flops_per_step / 1e12,
+                    samples_skipped=self._skipped)  # corrupt / unusable samples so far (this process)
       self.writer.write_scalars(step, values)
     return values["loss"]
 
