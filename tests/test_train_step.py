@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from shared_fixtures import tiny_config
 from suti.config import load_config
 from suti.diffusion.schedules import make_schedule
 from suti.models.model import SuTIModel
@@ -40,8 +41,7 @@ def _batch(model, cfg, n=8, k=0, seed=0):
 
 @pytest.mark.parametrize("config,k", [("toy.py", 0), ("toy_suti.py", 3)])
 def test_few_dozen_steps_lower_the_loss_on_a_fixed_batch(config, k):
-  cfg = load_config(os.path.join(ROOT, "configs", config),
-                    [("train.lr", "2e-3"), ("train.warmup_steps", "0"), ("train.steps", "40")])
+  cfg = tiny_config(config, [("train.lr", "2e-3"), ("train.warmup_steps", "0"), ("train.steps", "40")])
   model = SuTIModel(cfg, rngs=nnx.Rngs(0))
   schedule = make_schedule(cfg.diffusion)
   graphdef, state, step = build_trainer(cfg, model, schedule)
