@@ -43,4 +43,5 @@ def get_config() -> mlc.ConfigDict:
   c.train.ema_decay = 0.9999
   c.mesh.data = -1
   c.mesh.fsdp = 8
+  c.diffusion.prediction = "eps"  # Imagen's 64x64 base predicts eps (with dynamic thresholding)
   return c

@@ -50,4 +50,5 @@ def get_config() -> mlc.ConfigDict:
   c.train.ema_decay = 0.9999
   c.mesh.data = 1
   c.mesh.fsdp = -1
+  c.diffusion.prediction = "eps"  # Stable Diffusion 1.5 predicts eps: converted weights need it
   return c
