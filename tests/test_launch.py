@@ -323,7 +323,10 @@ def test_sbatch_header():
 
 
 def slurm_env(fakes: Path, **extra: str) -> dict[str, str]:
+  # VENV points nowhere so the script falls back to the fake `suti` on PATH even where the checkout has a .venv
+  # (a CI clone does): the real trainer must never run here.
   return clean_env(fakes, WORKDIR="/shared/runs/b", CONFIG="configs/toy.py", SLURM_JOB_ID="1234",
+                   VENV=str(fakes / "no-venv"),
                    SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NTASKS="2", SLURM_GPUS_ON_NODE="4",
                    SLURM_SUBMIT_DIR=str(REPO), **extra)
 
