@@ -132,8 +132,9 @@ class MetricsWriter:
       raise ValueError(f"resume_step must be >= 0, got {resume_step}")
     os.makedirs(workdir, exist_ok=True)
     path = metrics_path(workdir)
+    self.dropped_lines = 0  # metrics.jsonl lines after resume_step, logged before the restart and removed
     if resume_step is not None:
-      truncate_metrics(workdir, resume_step)
+      self.dropped_lines = truncate_metrics(workdir, resume_step)
     _cut_torn_tail(path)
     self._file = open(path, "a", encoding="utf-8")
     if tensorboard:

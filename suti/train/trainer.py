@@ -37,7 +37,7 @@ from suti.train import mesh as mesh_lib
 from suti.train.checkpoint import Checkpointer, load_params
 from suti.train.init_from import load_weights
 from suti.train.input_pipeline import InputPosition, TrainInput
-from suti.train.metrics_writer import MetricsWriter, truncate_metrics
+from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
 from suti.train.preemption import PreemptionWatcher
 from suti.train.sharding import describe, tree_shardings
@@ -170,14 +170,15 @@ class Trainer:
                        f"{jax.process_count()}: resume with the same number of hosts")
     return InputPosition.from_array(np.asarray(positions[jax.process_index()]))
 
-  def save(self, position: InputPosition, force: bool = False) -> None:
+  def save(self, position: InputPosition) -> None:
+    """Starts an async save of the current state (a no-op when this step is already saved)."""
     step = int(jax.device_get(self.state.step))
     if self.checkpointer.latest_step() == step:
       return
     meta = {"step": step, "input_positions": self.all_positions(position), "seed": int(self.cfg.train.seed),
             "config": json.loads(self.cfg.to_json_best_effort()), "kind": self.kind,
             "num_neighbors": int(self.cfg.model.num_neighbors)}
-    self.checkpointer.save(step, self.state, meta, force=force)
+    self.checkpointer.save(step, self.state, meta)
 
   # ----- compile ---------------------------------------------------------------------------------------------
 
@@ -193,15 +194,14 @@ class Trainer:
     total = int(cfg.train.steps)
     position = self.restore()
     start = int(jax.device_get(self.state.step))
+    self.writer = MetricsWriter(self.workdir, enabled=self.primary, resume_step=start or None)
     if self.primary:
-      dropped = truncate_metrics(self.workdir, start) if start else 0
       what = f"resumed at step {start}" if start else "new run"
-      if dropped:
-        what += f" (dropped {dropped} metric lines logged after that checkpoint)"
+      if self.writer.dropped_lines:
+        what += f" (dropped {self.writer.dropped_lines} metric lines logged after that checkpoint)"
       log(f"{what}; mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
           f"processes; params sharded {self.sharding_summary['sharded']:,}, replicated "
           f"{self.sharding_summary['replicated']:,}; data {self.kind}")
-    self.writer = MetricsWriter(self.workdir, enabled=self.primary, resume_step=start or None)
     if not start:
       self.writer.write_text(0, "config", cfg.to_json_best_effort(indent=2))
     end = total if max_steps is None else min(total, start + max_steps)
@@ -251,7 +251,7 @@ class Trainer:
             break
         if pending is not None:
           last_loss = self.check_and_log(*pending, bar, force=stopped_by != "done")
-        self.save(data.position, force=True)
+        self.save(data.position)
         if preview is not None and stopped_by == "done" and end % int(cfg.train.sample_every):
           preview.write(end)
     finally:
