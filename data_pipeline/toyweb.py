@@ -211,6 +211,7 @@ def _write_benchmark(out_dir: str, rng: np.random.Generator, image_size: int,
         n_images += 1
       prompts[subject.id] = {"class": cls, "token": BENCHMARK_TOKEN,
                              "prompts": tw.benchmark_prompts(cls, BENCHMARK_TOKEN)}
+  os.makedirs(os.path.join(out_dir, "benchmark"), exist_ok=True)  # also with no subjects (benchmark_per_class=0)
   with open(os.path.join(out_dir, "benchmark", "prompts.json"), "w", encoding="utf-8") as f:
     json.dump(prompts, f, indent=1, sort_keys=True)
   return len(prompts), n_images

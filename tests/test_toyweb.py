@@ -217,3 +217,10 @@ def test_cli_run_and_errors(tmp_path, capsys):
     toyweb.write_toyweb(str(tmp_path / "x"), 0, seed=0)
   with pytest.raises(ValueError, match="image size"):
     toyweb.write_toyweb(str(tmp_path / "y"), 3, seed=0, image_size=20)
+
+
+def test_a_crawl_without_benchmark_subjects_has_an_empty_benchmark(tmp_path):
+  summary = toyweb.write_toyweb(str(tmp_path / "w"), pages=3, seed=0, image_size=16, benchmark_per_class=0)
+  assert summary["benchmark_subjects"] == 0
+  with open(tmp_path / "w" / "benchmark" / "prompts.json") as f:
+    assert json.load(f) == {}
