@@ -123,7 +123,7 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   cfg = tiny_config("toy_suti.py", [("train.init_from", base_dir)])
   model = build_model(cfg)
   fresh = SuTIModel(cfg, rngs=nnx.Rngs(cfg.train.seed))
-  from suti.train.init_from import flatten_weights
+  from suti.models.load_weights import flatten_weights
   flat = flatten_weights(weights)
   loaded = neighbor = 0
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -10,6 +10,7 @@ from flax import nnx
 
 from suti.models.embeddings import TimestepEmbedding, timestep_features
 from suti.models.layers import linear
+from suti.models.load_weights import load_weights
 from suti.models.neighbors import NeighborTokenizer, NeighborTokens, is_neighbor_param
 from suti.models.resnet import GroupNorm, conv3x3
 from suti.models.unet_blocks import DownBlock, MidBlock, UpBlock
@@ -214,12 +215,4 @@ def load_base_into_apprentice(apprentice: UNet, base_params: nnx.State | UNet) -
   fresh (zero-output) values. Raises ValueError on a missing path or a shape mismatch."""
   if isinstance(base_params, nnx.Module):
     base_params = nnx.state(base_params, nnx.Param)
-  target = dict(nnx.to_flat_state(nnx.state(apprentice, nnx.Param)))
-  for path, leaf in nnx.to_flat_state(base_params):
-    if path not in target:
-      raise ValueError(f"base parameter {'.'.join(map(str, path))} has no counterpart in the apprentice")
-    new = leaf.get_value() if hasattr(leaf, "get_value") else leaf
-    if tuple(target[path].shape) != tuple(new.shape):
-      raise ValueError(f"shape mismatch for {'.'.join(map(str, path))}: base {tuple(new.shape)}, "
-                       f"apprentice {tuple(target[path].shape)}")
-  nnx.update(apprentice, base_params)
+  load_weights(apprentice, nnx.to_pure_dict(base_params), source="base UNet")

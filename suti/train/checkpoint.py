@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from suti.train.tree_paths import path_names
+
 OWN_ITEMS = ("params", "ema", "frozen", "opt_state")  # TrainState fields stored as their own Orbax item
 EXTRA_ITEM = "extra"  # every other leaf of the state
 META_ITEM = "meta"
@@ -39,26 +41,6 @@ CORRUPT_SUFFIX = ".corrupt"
 log = logging.getLogger(__name__)
 
 Path = tuple[str, ...]
-
-
-def _key_name(entry: Any) -> str:
-  """One jax.tree_util path entry as a string key."""
-  if isinstance(entry, jax.tree_util.DictKey):
-    return str(entry.key)
-  if isinstance(entry, jax.tree_util.GetAttrKey):
-    return entry.name
-  if isinstance(entry, jax.tree_util.SequenceKey):
-    return str(entry.idx)
-  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-    return str(entry.key)
-  return str(entry)
-
-
-def _names(path: tuple) -> Path:
-  """String keys of a leaf path; a Variable's trailing `.value` is dropped, so items are nnx pure dicts."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    path = path[:-1]
-  return tuple(_key_name(k) for k in path)
 
 
 def _item_and_path(names: Path) -> tuple[str, Path]:
@@ -71,7 +53,7 @@ def _item_and_path(names: Path) -> tuple[str, Path]:
 def _leaf_paths(tree: Any) -> tuple[list[tuple[str, Path]], list[Any], Any]:
   """(item, path) per leaf, the leaves, and the treedef: how a state is split into items and rebuilt."""
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  where = [_item_and_path(_names(path)) for path, _ in with_paths]
+  where = [_item_and_path(path_names(path)) for path, _ in with_paths]
   if len(set(where)) != len(where):
     raise ValueError("state has two leaves with the same path once keys are strings; rename one of them")
   return where, [leaf for _, leaf in with_paths], treedef

@@ -14,22 +14,9 @@ import jax
 import ml_collections as mlc
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from suti.train.tree_paths import path_string
+
 ACTIONS = ("fsdp", "replicate")
-
-
-def path_string(path: tuple) -> str:
-  """A readable '/'-joined path ('params/unet/down_blocks/0/resnets/0/conv1/kernel')."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  if parts and parts[-1] == "value":  # nnx.Variable leaves: the variable's own path is what rules talk about
-    parts.pop()
-  return "/".join(parts)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:

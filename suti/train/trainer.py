@@ -29,13 +29,12 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from suti.diffusion.schedules import make_schedule
+from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text
 from suti.train import mesh as mesh_lib
 from suti.train.checkpoint import Checkpointer, load_params
-from suti.train.init_from import load_weights
 from suti.train.input_pipeline import InputPosition, TrainInput
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
@@ -99,7 +98,7 @@ def compile_step(step_fn, state: TrainState, state_shardings: Any, batch: dict[s
   """Ahead-of-time compiled step(state, batch) -> (state, metrics), state donated: compiled once per run."""
   batch_shardings = {k: v.sharding for k, v in batch.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   return jitted.lower(state, batch).compile()
 
 

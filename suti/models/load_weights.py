@@ -1,7 +1,8 @@
-"""Initialising a model from another run's weights: the SuTI apprentice from its base text-to-image model.
+"""Copying weights into a model by path: the SuTI apprentice from its base text-to-image model (a base UNet in
+memory, or a base run's checkpoint through `train.init_from`).
 
-Every weight of the base goes into the same path of the new model; paths only the new model has must be neighbor
-layers (zero-initialised output projections, so the apprentice starts as exactly the base model). Anything else
+Every given weight goes into the same path of the model; paths only the model has must be neighbor layers
+(zero-initialised output projections, so the apprentice starts as exactly the base model). Anything else
 missing, extra, or of another shape is a clear error.
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ def flatten_weights(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.n
   return flat
 
 
-def load_weights(model: nnx.Module, weights: Mapping[str, Any]) -> int:
+def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from") -> int:
   """Copies `weights` (nested dict or flat {'a/b/kernel': array}) into `model` in place; returns how many arrays
-  were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers."""
+  were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers. `source` names
+  where the weights come from in error messages."""
   flat = flatten_weights(weights)
   loaded = 0
   missing = []
@@ -41,13 +43,13 @@ def load_weights(model: nnx.Module, weights: Mapping[str, Any]) -> int:
       continue
     value = np.asarray(flat.pop(name))
     if tuple(value.shape) != tuple(variable.shape):
-      raise ValueError(f"init_from: shape mismatch for {name}: checkpoint {tuple(value.shape)}, "
+      raise ValueError(f"{source}: shape mismatch for {name}: {tuple(value.shape)} given, "
                        f"model {tuple(variable.shape)}")
     variable.set_value(jnp.asarray(value, variable.get_value().dtype))
     loaded += 1
   if missing:
-    raise ValueError(f"init_from: the checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]} "
+    raise ValueError(f"{source}: {len(missing)} weights of this model are not given, e.g. {missing[0]} "
                      "(is it a run of another config?)")
   if flat:
-    raise ValueError(f"init_from: {len(flat)} checkpoint weights have no place in this model, e.g. {next(iter(flat))}")
+    raise ValueError(f"{source}: {len(flat)} given weights have no place in this model, e.g. {next(iter(flat))}")
   return loaded
