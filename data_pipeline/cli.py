@@ -1,10 +1,11 @@
-"""`suti data ...`: toyweb, train-clip, run, calibrate (also `python -m data_pipeline.cli ...`).
+"""`suti data ...`: toyweb, train-clip, run, calibrate, calibrate-targets (also `python -m data_pipeline.cli ...`).
 
   suti data toyweb --out DIR --pages N --seed S [--image-size 32]
   suti data train-clip --out checkpoints/toy_clip --steps N
   suti data run --config configs/pipeline/toy.py --input DIR --output DIR [--runner local|ray]
                 [--workers N] [--config.key=value ...]
   suti data calibrate --config configs/pipeline/toy.py --input DIR [--max-samples N]
+  suti data calibrate-targets --config configs/pipeline/toy_icl.py --output DIR [--config.key=value ...]
 
 User errors raise ValueError (one line, exit status 2 through suti.cli.run_user_command).
 """
@@ -46,6 +47,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   cal_parser = sub.add_parser("calibrate", help="print CLIP similarity distributions to set thresholds")
   _add_config_args(cal_parser)
   cal_parser.add_argument("--max-samples", type=int, default=None)
+  targets_parser = sub.add_parser("calibrate-targets",
+                                  help="print expert target score distributions to set the target filter")
+  targets_parser.add_argument("--config", required=True, help="pipeline config file with a targets.filter section")
+  targets_parser.add_argument("--output", required=True, help="a pipeline output folder after the targets stage")
   return parser
 
 
@@ -87,12 +92,20 @@ def cmd_calibrate(args: argparse.Namespace, overrides: list[tuple[str, str]]) ->
   return 0
 
 
+def cmd_calibrate_targets(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  from data_pipeline import calibrate_targets
+  config = config_lib.load_config(args.config, overrides)
+  cal = calibrate_targets.calibrate_targets(args.output)
+  print(calibrate_targets.report(cal, config))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides, rest = config_lib.split_overrides(argv)
   args = build_parser(rest[0] if rest else None).parse_args(rest)
-  if overrides and args.command not in ("run", "calibrate"):
-    raise ValueError(f"--config.* overrides apply to 'run' and 'calibrate', not {args.command!r}")
+  if overrides and args.command not in ("run", "calibrate", "calibrate-targets"):
+    raise ValueError(f"--config.* overrides apply to run, calibrate and calibrate-targets, not {args.command!r}")
   if args.command == "toyweb":
     from data_pipeline import toyweb
     return int(toyweb.run(args) or 0)
@@ -101,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(toy_clip.run(args) or 0)
   if args.command == "run":
     return cmd_run(args, overrides)
+  if args.command == "calibrate-targets":
+    return cmd_calibrate_targets(args, overrides)
   return cmd_calibrate(args, overrides)
 
 
