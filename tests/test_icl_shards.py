@@ -121,6 +121,9 @@ def test_bad_shards_are_one_clear_error(tmp_path, examples):
   with pytest.raises(ValueError, match="bad ICL example key"):
     write_icl_shard(str(tmp_path / "key.tar"), [bad])
   assert not os.path.exists(tmp_path / "key.tar")
+  floats = ICLExample("c_0", examples[0].target / 255.0, "p", examples[0].neighbors, examples[0].neighbor_captions, {})
+  with pytest.raises(ValueError, match="c_0: target must be a uint8"):
+    write_icl_shard(str(tmp_path / "floats.tar"), [floats])
 
 
 def test_validation_split_is_stable_and_by_cluster():

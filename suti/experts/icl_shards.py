@@ -53,6 +53,11 @@ class ICLExample:
     if not self.neighbors or len(self.neighbors) != len(self.neighbor_captions):
       raise ValueError(f"example {self.key}: {len(self.neighbors)} neighbors and {len(self.neighbor_captions)} "
                        "captions (at least one neighbor, one caption each)")
+    for what, image in [("target", self.target)] + [(f"neighbor {i}", n) for i, n in enumerate(self.neighbors)]:
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"example {self.key}: {what} must be a uint8 [H, W, 3] image, got {image.dtype} "
+                         f"{image.shape}")
     out = [(f"{self.key}.target.png", encode_png(self.target)),
            (f"{self.key}.target.txt", self.prompt.encode("utf-8"))]
     for i, (image, caption) in enumerate(zip(self.neighbors, self.neighbor_captions)):
@@ -83,7 +88,7 @@ def examples_for_cluster(record: ClusterRecord, kept: Sequence[KeptTarget], expe
     meta = {"cluster_id": record.cluster_id, "page_url": record.page_url,
             "source_keys": list(record.source_keys[:k]), "expert_id": expert_id, "skill": skill,
             "seed": int(seed), "scores": dict(scores)}
-    examples.append(ICLExample(f"{record.cluster_id}_{n}", np.asarray(image, np.uint8), prompt, neighbors,
+    examples.append(ICLExample(f"{record.cluster_id}_{n}", np.asarray(image), prompt, neighbors,
                                captions, meta))
   return examples
 
