@@ -175,6 +175,6 @@ def run_reduce(ctx: StageContext, task: Task) -> TaskResult:
 
 
 MAP_STAGE = Stage("cluster_map", "raw", "buckets", "work/cluster_map", ("read", "cluster"), run_map,
-                  per_input_shard=True, description="read shards, normalise page URLs, bucket by page key")
+                  granularity="input_shard", description="read shards, normalise page URLs, bucket by page key")
 REDUCE_STAGE = Stage("cluster_reduce", "buckets", "clusters", "work/cluster_reduce", ("cluster",), run_reduce,
                      description="group by page key, exact dedup, min/max cluster size")

@@ -1,18 +1,17 @@
 """Local runner: stages in order, tasks in this process or in worker processes, a tqdm bar per stage.
 
 Workers are spawned processes (not forked: torch and open_clip do not survive a fork with threads) that
-each keep one StageContext, so a model is loaded once per worker, not once per task.
+each keep one StageContext, so a model is loaded once per worker, not once per task. A failing task is
+retried in the process that ran it, `runner.max_retries` times.
 """
 from __future__ import annotations
 
 import multiprocessing
-import time
+from typing import Iterator
 
 import ml_collections as mlc
-from tqdm import tqdm
 
 from data_pipeline import stages as stages_lib
-from data_pipeline.stats import check_balanced
 
 # The worker process's own context (set by the pool initializer); each process has its own copy.
 _WORKER_CONTEXT: stages_lib.StageContext | None = None
@@ -23,10 +22,36 @@ def _init_worker(config: mlc.ConfigDict, layout: stages_lib.RunLayout) -> None:
   _WORKER_CONTEXT = stages_lib.StageContext(config, layout)
 
 
-def _run_in_worker(job: tuple[stages_lib.Stage, stages_lib.Task]) -> str:
-  stage, task = job
-  stages_lib.execute_task(_WORKER_CONTEXT, stage, task)
-  return task.task_id
+def _run_in_worker(job: tuple[stages_lib.Stage, stages_lib.Task, int]) -> tuple[str, str | None]:
+  stage, task, max_retries = job
+  return task.task_id, stages_lib.run_task_with_retries(_WORKER_CONTEXT, stage, task, max_retries)
+
+
+class _LocalExecutor:
+  """Runs a stage's pending tasks here (workers <= 1) or on a pool of spawned processes made on first need."""
+
+  def __init__(self, config: mlc.ConfigDict, layout: stages_lib.RunLayout, workers: int):
+    self.config, self.layout, self.workers = config, layout, workers
+    self.max_retries = int(stages_lib.runner_option(config, "max_retries", 2))
+    self.ctx = stages_lib.StageContext(config, layout)
+    self.pool = None
+
+  def __call__(self, stage: stages_lib.Stage, tasks: list[stages_lib.Task]
+               ) -> Iterator[tuple[stages_lib.Task, str | None]]:
+    if self.workers <= 1 or len(tasks) <= 1:
+      for task in tasks:
+        yield task, stages_lib.run_task_with_retries(self.ctx, stage, task, self.max_retries)
+      return
+    if self.pool is None:
+      self.pool = multiprocessing.get_context("spawn").Pool(self.workers, _init_worker, (self.config, self.layout))
+    by_id = {t.task_id: t for t in tasks}
+    for task_id, error in self.pool.imap_unordered(_run_in_worker, [(stage, t, self.max_retries) for t in tasks]):
+      yield by_id[task_id], error
+
+  def close(self) -> None:
+    if self.pool is not None:
+      self.pool.close()
+      self.pool.join()
 
 
 def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
@@ -36,33 +61,8 @@ def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
   each stage's wall time in seconds (kept out of stats.json, which must not depend on the machine)."""
   registry = registry or stages_lib.default_registry()
   workers = config.runner.workers if workers is None else workers
-  stages_lib.prepare_output(config, layout)
-  planned = stages_lib.plan(config, layout, registry)
-  ctx = stages_lib.StageContext(config, layout)
-  pool = None
+  executor = _LocalExecutor(config, layout, workers)
   try:
-    for stage, tasks in planned:
-      pending = stages_lib.pending_tasks(layout, stage, tasks)
-      stage_start = time.perf_counter()
-      with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=stage.name, unit="task",
-                disable=not progress, leave=True) as bar:
-        if workers <= 1 or len(pending) <= 1:
-          for task in pending:
-            stages_lib.execute_task(ctx, stage, task)
-            bar.update(1)
-        else:
-          if pool is None:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config, layout))
-          for _ in pool.imap_unordered(_run_in_worker, [(stage, t) for t in pending]):
-            bar.update(1)
-      if timings is not None:
-        timings[stage.name] = time.perf_counter() - stage_start
+    return stages_lib.run_stages(config, layout, registry, executor, progress=progress, timings=timings)
   finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
-  stats = stages_lib.collect_stats(layout, planned)
-  check_balanced(stats)
-  return stats
-
-
+    executor.close()

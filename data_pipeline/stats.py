@@ -73,11 +73,13 @@ def check_balanced(stats: Mapping) -> None:
 
 
 def format_summary(stats: Mapping) -> str:
-  """One line per stage: `stage: in -> out (dropped: reason n, ...)`."""
+  """One line per stage: `stage: in -> out (dropped: reason n, ...)`, then one per stage with failed tasks."""
   lines = []
   for name, s in stats["stages"].items():
     drops = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
     lines.append(f"  {name:<15} {s['in']:>8} -> {s['out']:>8}  (dropped: {drops})")
+  for name, f in stats.get("failed", {}).items():
+    lines.append(f"  {name:<15} {f['tasks']} failed tasks (retried on the next run); first error: {f['first_error']}")
   return "\n".join(lines)
 
 

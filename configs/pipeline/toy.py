@@ -45,6 +45,12 @@ def get_config() -> mlc.ConfigDict:
   c.runner.workers = 0  # local: 0 = in this process; N = N worker processes. Ray: actors (0 -> 2)
   c.runner.ray_address = ""  # "" = local ray.init(num_cpus=2); else a cluster address ("auto", "ray://...")
   c.runner.ray_num_cpus = 2
+  c.runner.max_retries = 2  # a failing task is retried this often (local: in process; Ray: by Ray) before it fails
+  # Accelerator stages (experts) on Ray: one remote task per expert with these resources.
+  c.runner.accelerator_num_cpus = 1.0
+  c.runner.accelerator_num_gpus = 0.0  # e.g. 1.0 on a GPU cluster
+  c.runner.accelerator_resources = {}  # custom Ray resources, e.g. {"TPU": 1} on TPU hosts
+  c.runner.accelerator_max_calls = 0  # tasks per worker process before it restarts; 0 = unlimited (model kept)
 
   c.calibrate = mlc.ConfigDict()
   c.calibrate.max_samples = 2000
