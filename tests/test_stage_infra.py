@@ -309,3 +309,18 @@ def test_ray_runs_accelerator_clusters_as_remote_tasks_with_retries(world, ray_s
   local_stats = run_local(local_config, layout(world, "local"), reg, progress=False)
   assert ray_stats == local_stats and ray_stats["stages"] == ALL_KEPT
   assert _outputs(str(world / "ray")) == _outputs(str(world / "local"))
+
+
+def test_stage_granularity_and_chaining_are_checked(world):
+  with pytest.raises(ValueError, match="granularity 'expert'"):
+    stages.Stage("x", "clusters", "experts", "x", ("x",), expert_run, granularity="expert")
+  with pytest.raises(ValueError, match="per-cluster stage consumes clusters"):
+    stages.Stage("x", "buckets", "experts", "x", ("x",), expert_run, granularity="cluster")
+  config = make_config(world)
+  config.stages = ("seed", "target")
+  with pytest.raises(ValueError, match="stage target needs experts input but follows a stage producing clusters"):
+    run_local(config, layout(world), registry(), progress=False)
+  # A cluster id with a dot would make a marker path ambiguous: refused when the tasks are enumerated.
+  shard_io.write_tar(str(world / "bad.tar"), [("a.b.meta.json", b"{}")])
+  with pytest.raises(ValueError, match="bad cluster id 'a.b'"):
+    stages.shard_cluster_ids(str(world / "bad.tar"))
