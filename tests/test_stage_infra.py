@@ -4,7 +4,6 @@ seed (per bucket: copies prepared cluster shards) -> expert (per cluster) -> tar
 The fake stages log every call to a file (one line: stage, task, pid, Ray actor or "-"), so tests count
 calls across processes; files under `flags/` make a chosen cluster's expert fail (always, once, or on
 the 3rd expert call of the test)."""
-import json
 import os
 import shutil
 import sys
