@@ -44,9 +44,15 @@ def per_example_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def weighted_mse(pred: jax.Array, target: jax.Array, t: jax.Array, schedule: Schedule,
-                 prediction: str = "eps", min_snr_gamma: float = 0.0) -> jax.Array:
-  """Batch mean of min-SNR-weighted per-example MSE (plain MSE when min_snr_gamma is 0): scalar."""
+                 prediction: str = "eps", min_snr_gamma: float = 0.0,
+                 example_weight: jax.Array | None = None) -> jax.Array:
+  """Batch mean of min-SNR-weighted per-example MSE (plain MSE when min_snr_gamma is 0): scalar.
+
+  example_weight [B] multiplies each example's term (DreamBooth's prior-preservation weight on class images).
+  """
   weights = min_snr_weights(t, schedule, prediction, min_snr_gamma)
+  if example_weight is not None:
+    weights = weights * example_weight.astype(jnp.float32)
   return jnp.mean(weights * per_example_mse(pred, target))
 
 

@@ -28,6 +28,18 @@ def flatten_weights(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.n
   return flat
 
 
+def unflatten_weights(flat: Mapping[str, Any]) -> dict:
+  """{'a/b/0/kernel': array} -> the nnx pure dict {'a': {'b': {0: {'kernel': array}}}} (digit keys as ints)."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    parts = [int(p) if p.isdigit() else p for p in path.split("/")]
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = value
+  return tree
+
+
 def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from") -> int:
   """Copies `weights` (nested dict or flat {'a/b/kernel': array}) into `model` in place; returns how many arrays
   were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers. `source` names

@@ -332,6 +332,23 @@ def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, 
   raise ValueError(f"no readable checkpoint in {root}" + (f" (tried steps {steps})" if steps else ""))
 
 
+def _tuples(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def checkpoint_config(meta: dict, where: str = "checkpoint"):
+  """The training config a checkpoint was written with (JSON lists back to tuples), as an ml_collections
+  ConfigDict; ValueError when the checkpoint carries none."""
+  import ml_collections as mlc
+  if not isinstance(meta.get("config"), dict):
+    raise ValueError(f"{where} carries no training config in its metadata (not written by `suti train`?)")
+  return mlc.ConfigDict(_tuples(meta["config"]))
+
+
 def _is_step_dir(path: epath.Path) -> bool:
   return any((path / name).is_dir() for name in WEIGHT_ITEMS + (META_ITEM,))
 

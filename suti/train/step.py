@@ -2,13 +2,15 @@
 
 The model is split into (graphdef, trainable params, everything else) once, outside `jax.jit`; the jitted
 step merges them, computes the loss and its gradient, and returns the new state. The same step trains the
-base text-to-image model (batches without neighbors), the SuTI apprentice (batches with neighbors) and,
-later, the DreamBooth experts.
+base text-to-image model (batches without neighbors), the SuTI apprentice (batches with neighbors) and the
+DreamBooth experts (suti/experts/dreambooth.py: LoRA or full fine-tuning, prior preservation via loss_weight).
 
 A batch is a dict of arrays:
   images [B,H,W,C] in [-1, 1], ids / text_mask [B,L]                       (always)
   neighbor_images [B,K,H,W,C], neighbor_ids / neighbor_text_mask [B,K,L],
   neighbor_mask [B,K] bool                                                 (apprentice only)
+  loss_weight [B] float                                                    (optional: per-example loss weights,
+                                                                            e.g. DreamBooth's prior preservation)
 
 What the step does beyond the loss:
 - gradient accumulation: the batch is cut into train.grad_accum_steps micro-batches (strided, so each stays
@@ -131,7 +133,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                                          mask_neighbors(batch["neighbor_mask"], r["keep_neighbors"]))
     x_t, target = training_targets(batch["images"], r["t"], r["noise"], schedule, prediction)
     pred = model(x_t, r["t"], ids, text_mask, neighbors).astype(jnp.float32)
-    return weighted_mse(pred, target, r["t"], schedule, prediction, gamma)
+    return weighted_mse(pred, target, r["t"], schedule, prediction, gamma, batch.get("loss_weight"))
 
   grad_fn = jax.value_and_grad(loss_fn)
 
