@@ -139,9 +139,10 @@ class StageRegistry:
 
 def default_registry() -> StageRegistry:
   """The registry of the stages this package ships (imported lazily: torch only when needed)."""
-  from data_pipeline import captions, clip_filter, cluster
+  from data_pipeline import captions, clip_filter, cluster, expert_stages
   registry = StageRegistry()
-  for stage in (cluster.MAP_STAGE, cluster.REDUCE_STAGE, clip_filter.STAGE, captions.STAGE):
+  for stage in (cluster.MAP_STAGE, cluster.REDUCE_STAGE, clip_filter.STAGE, captions.STAGE,
+                expert_stages.EXPERTS_STAGE, expert_stages.TARGETS_STAGE):
     registry.register(stage)
   return registry
 

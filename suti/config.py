@@ -26,8 +26,15 @@ def _import_config_module(path: str):
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   path = os.path.abspath(path)
-  # Config files import their siblings as `configs.<name>`: put the folder holding `configs/` first.
+  # Config files import their siblings as `configs.<name>` (or `configs.pipeline.<name>`): put the folder holding
+  # the enclosing `configs/` first.
   root = os.path.dirname(os.path.dirname(path))
+  folder = os.path.dirname(path)
+  while os.path.dirname(folder) != folder:
+    if os.path.basename(folder) == "configs":
+      root = os.path.dirname(folder)
+      break
+    folder = os.path.dirname(folder)
   if root not in sys.path:
     sys.path.insert(0, root)
   name = "_suti_config_" + os.path.splitext(os.path.basename(path))[0]
