@@ -40,22 +40,29 @@ def _round(values) -> list[float]:
 
 
 def reference_scores(clip_model, tokenizer: Callable, record: ClusterRecord, other: ClusterRecord | None,
-                     batch_size: int = 256) -> dict[str, list[float]]:
+                     batch_size: int = 256, render_size: int | None = None) -> dict[str, list[float]]:
   """Reference CLIP scores of one cluster's real images:
   clip_i_real: each image's mean cosine to the cluster's other images (empty for a single image);
   clip_i_other: each image's mean cosine to the images of `other`, another cluster (empty without one);
+  with render_size, the image on the left of those cosines is first resized to the renders' size, so the
+  references say what a perfect render at the model's resolution would score;
   clip_t_real: each image's cosine to its own caption (images with an empty caption left out)."""
   from data_pipeline import clip_filter, toy_clip
   if not record.images:
     raise ValueError(f"cluster {record.cluster_id} has no images")
   emb = clip_filter.embed_images(clip_model, list(record.images), batch_size)
+  # The real image as a perfect render would show it: at the model's resolution (candidates are scored at theirs).
+  low = emb
+  if render_size:
+    from suti.train.image_ops import resize_and_crop
+    low = clip_filter.embed_images(clip_model, [resize_and_crop(i, render_size) for i in record.images], batch_size)
   n = len(emb)
-  sim = emb @ emb.T
+  sim = low @ emb.T
   clip_i_real = (sim.sum(1) - np.diag(sim)) / (n - 1) if n > 1 else []
   clip_i_other: list[float] = []
   if other is not None and other.images:
     other_emb = clip_filter.embed_images(clip_model, list(other.images), batch_size)
-    clip_i_other = (emb @ other_emb.T).mean(1)
+    clip_i_other = (low @ other_emb.T).mean(1)
   captioned = [i for i, c in enumerate(record.captions) if c.strip()]
   clip_t_real: list[float] = []
   if captioned:

@@ -75,10 +75,19 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   counters = stats["counters"]
   read = stats["stages"].get("read", {"in": 0})
   last = list(stats["stages"].values())[-1]
-  from data_pipeline.preview import write_cluster_sheet
+  from data_pipeline.preview import write_cluster_sheet, write_icl_sheet
   sheet = write_cluster_sheet(layout.output_dir)
-  print(f"pipeline ({args.runner}): {read['in']} raw samples -> {counters.get('clusters_out', 0)} clusters "
-        f"({last['out']} images) in {time.perf_counter() - start:.1f}s; "
+  clusters = counters.get("clusters_out", 0)
+  if "targets" in stats["stages"]:
+    targets = stats["stages"]["targets"]
+    keep = targets["out"] / targets["in"] if targets["in"] else 0.0
+    result = (f"{clusters} clusters -> {stats['stages']['experts']['out']} experts -> {targets['out']} of "
+              f"{targets['in']} renders kept ({keep:.0%}) -> ICL examples: {counters.get('icl_train_examples', 0)} "
+              f"train, {counters.get('icl_val_examples', 0)} validation in {os.path.join(layout.output_dir, 'icl')}")
+    sheet = write_icl_sheet(layout.output_dir) or sheet
+  else:
+    result = f"{clusters} clusters ({last['out']} images)"
+  print(f"pipeline ({args.runner}): {read['in']} raw samples -> {result} in {time.perf_counter() - start:.1f}s; "
         f"page_url fallback {counters.get('page_url_fallback', 0)}; stats in {layout.stats_path}"
         + (f"; preview {sheet}" if sheet else ""))
   return 0

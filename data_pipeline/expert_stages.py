@@ -210,7 +210,8 @@ def render_and_score(ctx: StageContext, record, other, folder: str) -> tuple[np.
            "render_seconds": round(seconds, 3),
            "candidates": [{"prompt": p, "skill": k, "seed": s, "scores": sc.to_dict(), "decision": None}
                           for (p, k, s), sc in zip(jobs, scores)],
-           "reference": reference_scores(model, tokenizer, record, other, int(ctx.config.clip.batch_size))}
+           "reference": reference_scores(model, tokenizer, record, other, int(ctx.config.clip.batch_size),
+                                         render_size=int(images.shape[1]))}
   buf = io.BytesIO()
   np.savez(buf, images=images)
   shard_io.atomic_write_bytes(base + ".npz", buf.getvalue())

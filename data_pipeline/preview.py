@@ -48,3 +48,41 @@ def write_cluster_sheet(output_dir: str, **kwargs) -> str | None:
   path = os.path.join(output_dir, "clusters_preview.png")
   atomic_write_bytes(path, buf.getvalue())
   return path
+
+
+def icl_sheet(icl_dir: str, max_examples: int = 16, neighbors: int = 3, cell: int = 48, gap: int = 4,
+              text_width: int = 300) -> np.ndarray | None:
+  """One row per ICL example: its first `neighbors` real images, a gap, the expert's target, then the prompt."""
+  from PIL import ImageDraw
+  from suti.experts.icl_shards import read_icl_shard
+  examples = []
+  for path in sorted(glob.glob(os.path.join(icl_dir, "icl-*.tar"))):
+    examples.extend(read_icl_shard(path)[:max_examples - len(examples)])
+    if len(examples) >= max_examples:
+      break
+  if not examples:
+    return None
+  step = cell + gap
+  width = (neighbors + 1) * step + 3 * gap + text_width
+  canvas = Image.new("RGB", (width, len(examples) * step), "white")
+  draw = ImageDraw.Draw(canvas)
+  for r, ex in enumerate(examples):
+    y = r * step
+    for c, image in enumerate(ex.neighbors[:neighbors]):
+      canvas.paste(Image.fromarray(_fit(image, cell)), (c * step, y))
+    x = neighbors * step + 3 * gap
+    canvas.paste(Image.fromarray(_fit(ex.target, cell)), (x, y))
+    draw.text((x + step, y + cell // 2 - 6), ex.prompt, fill=(0, 0, 0))
+  return np.asarray(canvas)
+
+
+def write_icl_sheet(output_dir: str, **kwargs) -> str | None:
+  """Writes <output_dir>/icl_preview.png (neighbors | target | prompt per row); None without ICL shards."""
+  sheet = icl_sheet(os.path.join(output_dir, "icl"), **kwargs)
+  if sheet is None:
+    return None
+  buf = io.BytesIO()
+  Image.fromarray(sheet).save(buf, format="PNG")
+  path = os.path.join(output_dir, "icl_preview.png")
+  atomic_write_bytes(path, buf.getvalue())
+  return path
