@@ -115,9 +115,14 @@ def apply_override(cfg: mlc.ConfigDict, key: str, raw_value: str | Any) -> None:
       node = node[part]
   leaf = parts[-1]
   old = node[leaf]
-  if isinstance(old, mlc.ConfigDict):
-    raise ConfigError(f"config key '{key}' is a group; set one of its fields instead")
   value = _parse_literal(raw_value) if isinstance(raw_value, str) else raw_value
+  if isinstance(old, mlc.ConfigDict):
+    # An empty group is a free-form mapping (e.g. runner.accelerator_resources = {}): a dict replaces it whole.
+    if len(old) == 0 and isinstance(value, dict):
+      with node.unlocked():
+        node[leaf] = mlc.ConfigDict(value)
+      return
+    raise ConfigError(f"config key '{key}' is a group; set one of its fields instead")
   value = _coerce(key, old, value)
   with node.unlocked():
     node[leaf] = value

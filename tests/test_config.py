@@ -59,3 +59,12 @@ def test_every_config_documents_its_command(name):
   import ast
   doc = ast.get_docstring(ast.parse(open(path).read()))
   assert doc and "suti " in doc, f"{name} must say in its docstring how to run it"
+
+
+def test_a_free_form_group_takes_a_dict_and_a_structured_group_refuses_one():
+  icl = os.path.join(ROOT, "configs", "pipeline", "toy_icl.py")  # imports configs.pipeline.toy: nested import
+  cfg = load_config(icl, [("runner.accelerator_resources", "{'TPU': 1}")])
+  assert dict(cfg.runner.accelerator_resources) == {"TPU": 1}
+  assert cfg.stages[-2:] == ("experts", "targets")
+  with pytest.raises(ConfigError, match="is a group"):
+    load_config(icl, [("targets.filter", "{'clip_i_threshold': 0.5}")])
