@@ -145,10 +145,12 @@ def test_merge_closed_form_on_one_linear():
   np.testing.assert_allclose(np.asarray(holder.to_q(x)), x @ merged["to_q/kernel"] + bias, atol=1e-5)
 
 
-@pytest.mark.parametrize("strides,padding", [(1, "SAME"), (2, ((1, 1), (1, 1))), (2, "VALID")])
-def test_merge_is_exact_for_one_conv(strides, padding):
-  base = nnx.Conv(3, 6, kernel_size=(3, 3), strides=strides, padding=padding, rngs=nnx.Rngs(0))
-  plain = nnx.Conv(3, 6, kernel_size=(3, 3), strides=strides, padding=padding, rngs=nnx.Rngs(5))
+@pytest.mark.parametrize("strides,padding,dilation", [
+    (1, "SAME", 1), (2, ((1, 1), (1, 1)), 1), (2, "VALID", 1), (2, "SAME", 1), (1, "SAME", 2)])
+def test_merge_is_exact_for_one_conv(strides, padding, dilation):
+  kw = dict(kernel_size=(3, 3), strides=strides, padding=padding, kernel_dilation=dilation)
+  base = nnx.Conv(3, 6, **kw, rngs=nnx.Rngs(0))
+  plain = nnx.Conv(3, 6, **kw, rngs=nnx.Rngs(5))
   w0, bias = np.asarray(base.kernel.get_value()), np.asarray(base.bias.get_value())
   holder = _Holder(LoRAConv(base, 2, 4.0, rngs=nnx.Rngs(1)))
   holder.to_q.lora_b.set_value(jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 6)), np.float32))
