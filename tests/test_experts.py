@@ -3,7 +3,6 @@ preservation weights, settings errors, and that an expert fitted to a toy cluste
 
 Two trainers are compiled for the whole file (full, and block-wise LoRA on the outer blocks) and one renderer.
 """
-import copy
 import os
 
 import numpy as np
