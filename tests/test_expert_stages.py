@@ -83,6 +83,12 @@ def read_icl(out: str) -> dict[str, list[icl_shards.ICLExample]]:
           for split, folder in (("train", os.path.join(out, "icl")), ("val", os.path.join(out, "icl", "val")))}
 
 
+def icl_bytes(out: str) -> dict[str, bytes]:
+  """Relative path -> bytes of every ICL shard (train and val)."""
+  return {os.path.relpath(p, out): b for p, (_, b) in
+          file_states(glob.glob(os.path.join(out, "icl", "**", "*.tar"), recursive=True)).items()}
+
+
 def candidate_files(out: str) -> dict[str, dict]:
   files = sorted(glob.glob(os.path.join(out, "work", "targets", "*.json")))
   return {os.path.basename(p)[:-len(".json")]: json.load(open(p)) for p in files}
@@ -226,16 +232,13 @@ def test_rerun_after_the_experts_stage_reuses_every_stored_expert(main_run, web,
   out, stats, config = main_run
   copy = copy_run(out, str(tmp_path / "resume"))
   experts_before = file_states(expert_files(copy))
-  icl_before = file_states(glob.glob(os.path.join(copy, "icl", "**", "*.tar"), recursive=True))
-  renders_before = {}
-  for p in glob.glob(os.path.join(copy, "work", "targets", "*.npz")):
-    with np.load(p) as f:
-      renders_before[os.path.basename(p)] = f["images"]
-  # Forget the experts stage and everything after it, renders included; keep <output>/experts/.
-  for folder in ("_done/experts", "_done/targets", "icl", "work/targets"):
-    shutil.rmtree(os.path.join(copy, folder))
+  renders_before = file_states(glob.glob(os.path.join(copy, "work", "targets", "*.npz")))
+  icl_before = icl_bytes(copy)
   with open(os.path.join(copy, "stats.json"), "rb") as f:
     stats_bytes = f.read()
+  # Forget the experts stage and everything after it; keep <output>/experts/ (and the render cache in work/).
+  for folder in ("_done/experts", "_done/targets", "icl"):
+    shutil.rmtree(os.path.join(copy, folder))
   os.remove(os.path.join(copy, "stats.json"))
 
   again = run(web, copy, config)
@@ -243,12 +246,34 @@ def test_rerun_after_the_experts_stage_reuses_every_stored_expert(main_run, web,
   with open(os.path.join(copy, "stats.json"), "rb") as f:
     assert f.read() == stats_bytes
   assert file_states(expert_files(copy)) == experts_before  # bytes and mtimes: no expert retrained
-  icl_after = file_states(glob.glob(os.path.join(copy, "icl", "**", "*.tar"), recursive=True))
-  assert {os.path.relpath(p, copy): b for p, (_, b) in icl_after.items()} == \
-         {os.path.relpath(p, copy): b for p, (_, b) in icl_before.items()}
-  for name, images in renders_before.items():  # the stored experts render what they rendered the first time
-    with np.load(os.path.join(copy, "work", "targets", name)) as f:
+  assert file_states(renders_before) == renders_before  # the same experts: nothing rendered again
+  assert icl_bytes(copy) == icl_before
+
+  # One expert lost, and the renders: only that expert is trained again, to the same arrays (an expert does not
+  # depend on the others or on the order they were trained in); the renders and ICL shards come out the same.
+  victim = cluster_ids(copy)[-1]
+  weights_path = os.path.join(copy, "experts", victim, "expert.safetensors")
+  renders = {}
+  for path in renders_before:
+    with np.load(path) as f:
+      renders[path] = f["images"]
+  shutil.rmtree(os.path.join(copy, "experts", victim))
+  for folder in ("_done/experts", "_done/targets", "icl", "work/targets"):
+    shutil.rmtree(os.path.join(copy, folder))
+  retrained = run(web, copy, config)
+  # Same arrays and metadata (not the same bytes: see test_save_expert_is_deterministic).
+  assert_same_safetensors(read_safetensors(weights_path), read_safetensors(experts_before[weights_path][1]))
+
+  def others(states):
+    return {p: v for p, v in states.items() if f"{os.sep}{victim}{os.sep}" not in p}
+  assert others(file_states(expert_files(copy))) == others(experts_before)
+  assert retrained["stages"] == stats["stages"]
+  assert {k: v for k, v in retrained["counters"].items() if k != "expert_train_ms"} == \
+         {k: v for k, v in stats["counters"].items() if k != "expert_train_ms"}
+  for path, images in renders.items():
+    with np.load(path) as f:
       np.testing.assert_array_equal(f["images"], images)
+  assert icl_bytes(copy) == icl_before
 
 
 def test_refilter_changes_only_the_targets(main_run, web, tmp_path):
@@ -307,6 +332,41 @@ def test_refilter_changes_only_the_targets(main_run, web, tmp_path):
   assert not glob.glob(os.path.join(copy, "icl", "**", "*.tar"), recursive=True)
   assert nothing["counters"]["icl_train_examples"] == nothing["counters"]["icl_val_examples"] == 0
   assert file_states(expert_files(copy) + glob.glob(os.path.join(copy, "work", "targets", "*.npz"))) == untouched
+
+
+def read_safetensors(source) -> tuple[dict, dict[str, np.ndarray]]:
+  """(metadata, arrays) of a safetensors file (path) or its bytes."""
+  from safetensors import safe_open
+  from safetensors.numpy import load
+  if isinstance(source, bytes):
+    header_len = int.from_bytes(source[:8], "little")
+    return json.loads(source[8:8 + header_len]).get("__metadata__", {}), load(source)
+  with safe_open(source, framework="numpy") as f:
+    return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def assert_same_safetensors(a, b) -> None:
+  assert a[0] == b[0] and sorted(a[1]) == sorted(b[1])
+  for k in a[1]:
+    assert a[1][k].dtype == b[1][k].dtype
+    np.testing.assert_array_equal(a[1][k], b[1][k])
+
+
+@pytest.mark.xfail(strict=True, reason="data_pipeline/expert_stages.py save_expert: safetensors 0.8 writes the "
+                   "metadata dict in a random (hash map) order, so the same expert gives different file bytes and "
+                   "_render_key's sha256 of the file misses the render cache after an identical retrain")
+def test_save_expert_is_deterministic(tmp_path):
+  from data_pipeline.expert_stages import save_expert
+  from suti.experts.dreambooth import TrainedExpert
+  expert = TrainedExpert("lora", {"unet/x/lora_a": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                  "unet/x/lora_b": np.zeros((3, 2), np.float32)}, 4.0)
+  contents = set()
+  for i in range(16):  # a random order of two keys differs between 16 saves but with probability 2**-15
+    folder = str(tmp_path / str(i))
+    save_expert(folder, expert, {"method": "lora"})
+    with open(os.path.join(folder, "expert.safetensors"), "rb") as f:
+      contents.add(f.read())
+  assert len(contents) == 1
 
 
 # ---------------------------------------------------------------------------------------------- failures
