@@ -176,6 +176,11 @@ def test_decision_files_hold_one_decision_per_candidate(main_run):
       else:
         dropped[recomputed] = dropped.get(recomputed, 0) + 1
   assert (kept, dropped) == (stats["stages"]["targets"]["out"], stats["stages"]["targets"]["dropped"])
+  # `suti data calibrate-targets` reads the same files and finds the run's keep rate
+  from data_pipeline.calibrate_targets import calibrate_targets
+  cal = calibrate_targets(out)
+  assert (cal.num_clusters, len(cal.scores)) == (len(files), stats["stages"]["targets"]["in"])
+  assert cal.keep_rate(filter_cfg) == kept / stats["stages"]["targets"]["in"]
   # every kept candidate is one written example, with its prompt, seed and scores
   written = read_icl(out)
   images_per_cluster = {r.cluster_id: len(r.images) for p in glob.glob(os.path.join(out, "clusters", "*.tar"))
