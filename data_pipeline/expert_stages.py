@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import time
 
@@ -107,8 +108,11 @@ def class_images(ctx: StageContext, noun: str) -> np.ndarray | None:
 def save_expert(folder: str, expert, info: dict) -> int:
   """Writes expert.safetensors then expert.json (the json marks a complete expert); returns the weights' bytes."""
   from safetensors.numpy import save
+  # One metadata key: safetensors writes a metadata dict in hash-map order, and the bytes must be reproducible
+  # (the render cache is keyed by the file's hash).
   data = save({k: np.ascontiguousarray(v) for k, v in expert.weights.items()},
-              metadata={"method": expert.method, "lora_alpha": repr(expert.lora_alpha)})
+              metadata={"expert": json.dumps({"method": expert.method, "lora_alpha": expert.lora_alpha},
+                                             sort_keys=True)})
   shard_io.atomic_write_bytes(os.path.join(folder, WEIGHTS_FILE), data)
   shard_io.atomic_write_json(os.path.join(folder, EXPERT_JSON), {**info, "weights_bytes": len(data)})
   return len(data)
@@ -123,7 +127,7 @@ def load_expert(folder: str):
     raise ValueError(f"no complete expert in {folder}")
   info = shard_io.read_json(info_path)
   with safe_open(weights_path, framework="numpy") as f:
-    meta = f.metadata() or {}
+    meta = json.loads((f.metadata() or {}).get("expert", "{}"))
     weights = {k: f.get_tensor(k) for k in f.keys()}
   return TrainedExpert(meta.get("method", info["method"]), weights, float(meta.get("lora_alpha", 0.0))), info
 
