@@ -155,3 +155,16 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   expected = sample_grid(np.zeros((4, 8, 8, 3)), np.zeros((4, 3, 8, 8, 3)), demo_mask=np.ones((4, 3), bool),
                          captions=["t0"] * 4)
   assert grid.shape == expected.shape  # 4 rows of 3 demos | output
+
+
+def test_cut_captions_are_reported(capsys):
+  from suti.train.trainer import warn_truncated_captions
+  mask = np.zeros((4, 8), bool)
+  mask[:, :3] = True
+  assert warn_truncated_captions(mask, 8) == 0.0
+  quiet = capsys.readouterr()
+  assert "were probably cut" not in quiet.err + quiet.out
+  mask[:2] = True  # two captions use every position
+  assert warn_truncated_captions(mask, 8) == 0.5
+  captured = capsys.readouterr()
+  assert "50% of the first batch's captions fill all text.max_length=8" in captured.err + captured.out

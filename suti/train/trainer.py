@@ -228,6 +228,8 @@ class Trainer:
           local.pop("texts", None)  # host-side strings: sample keys and captions are not model inputs
           if key_log is not None:
             key_log.write(json.dumps({"step": step + 1, "keys": [str(k) for k in keys]}) + "\n")
+          if self.compiled is None:
+            warn_truncated_captions(local["text_mask"], int(cfg.text.max_length))
           batch = mesh_lib.global_batch(local, self.mesh)
           if self.compiled is None:
             self.compile(batch)
@@ -346,6 +348,18 @@ class PreviewSampler:
       save_sample_grid(path, images, demos, demo_mask=mask, captions=captions)
       t.writer.write_image(step, "samples", sample_grid(images, demos, demo_mask=mask))
     return path
+
+
+def warn_truncated_captions(text_mask: np.ndarray, max_length: int, limit: float = 0.05) -> float:
+  """Warns when more than `limit` of a batch's captions fill every token position (so were most likely cut at
+  text.max_length: a byte-level tokenizer at 32 once cut the toy captions before the context they name last,
+  and the model learned to ignore text). Returns the fraction."""
+  mask = np.asarray(text_mask)
+  fraction = float(mask[..., -1].mean()) if mask.size else 0.0
+  if fraction > limit:
+    log(f"warning: {fraction:.0%} of the first batch's captions fill all text.max_length={max_length} tokens and "
+        "were probably cut; raise text.max_length if they carry meaning at the end")
+  return fraction
 
 
 def log(message: str) -> None:
