@@ -68,3 +68,11 @@ def test_a_free_form_group_takes_a_dict_and_a_structured_group_refuses_one():
   assert cfg.stages[-2:] == ("experts", "targets")
   with pytest.raises(ConfigError, match="is a group"):
     load_config(icl, [("targets.filter", "{'clip_i_threshold': 0.5}")])
+
+
+def test_the_full_scale_pipeline_config_chains_raw_to_icl():
+  from data_pipeline import stages
+  cfg = load_config(os.path.join(ROOT, "configs", "pipeline", "web_icl.py"))
+  planned = stages.plan_stages(cfg, stages.RunLayout(("x.tar",), "/tmp/unused"), stages.default_registry())
+  assert [p.stage.name for p in planned][-2:] == ["experts", "targets"]
+  assert (cfg.experts.steps, cfg.experts.lr, cfg.experts.optimizer) == (500, 1e-5, "adafactor")  # SuTI's experts
