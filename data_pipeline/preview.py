@@ -40,12 +40,15 @@ def cluster_sheet(clusters_dir: str, max_clusters: int = 16, max_images: int = 8
 
 def write_cluster_sheet(output_dir: str, **kwargs) -> str | None:
   """Writes <output_dir>/clusters_preview.png (atomically); returns its path, or None without clusters."""
-  sheet = cluster_sheet(os.path.join(output_dir, "clusters"), **kwargs)
+  return _write_png(cluster_sheet(os.path.join(output_dir, "clusters"), **kwargs),
+                    os.path.join(output_dir, "clusters_preview.png"))
+
+
+def _write_png(sheet: np.ndarray | None, path: str) -> str | None:
   if sheet is None:
     return None
   buf = io.BytesIO()
   Image.fromarray(sheet).save(buf, format="PNG")
-  path = os.path.join(output_dir, "clusters_preview.png")
   atomic_write_bytes(path, buf.getvalue())
   return path
 
@@ -78,11 +81,4 @@ def icl_sheet(icl_dir: str, max_examples: int = 16, neighbors: int = 3, cell: in
 
 def write_icl_sheet(output_dir: str, **kwargs) -> str | None:
   """Writes <output_dir>/icl_preview.png (neighbors | target | prompt per row); None without ICL shards."""
-  sheet = icl_sheet(os.path.join(output_dir, "icl"), **kwargs)
-  if sheet is None:
-    return None
-  buf = io.BytesIO()
-  Image.fromarray(sheet).save(buf, format="PNG")
-  path = os.path.join(output_dir, "icl_preview.png")
-  atomic_write_bytes(path, buf.getvalue())
-  return path
+  return _write_png(icl_sheet(os.path.join(output_dir, "icl"), **kwargs), os.path.join(output_dir, "icl_preview.png"))

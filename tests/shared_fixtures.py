@@ -4,6 +4,8 @@ import json
 import os
 import tarfile
 
+import numpy as np
+
 from suti.config import load_config
 from suti.models.unet_config import UNetConfig
 
@@ -48,3 +50,18 @@ TINY_MODEL_OVERRIDES = (
 def tiny_config(name: str = "toy.py", overrides=()):
   """A full training config (configs/<name>) with the model shrunk to two levels at 8x8: trains in seconds."""
   return load_config(os.path.join(CONFIGS, name), list(TINY_MODEL_OVERRIDES) + list(overrides))
+
+
+def byte_tokenizer(length: int):
+  """A stand-in tokenizer for loader tests: utf-8 bytes, cut at `length`, zero-padded; mask = nonzero."""
+  def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((len(texts), length), np.int32)
+    for row, text in enumerate(texts):
+      data = text.encode("utf-8")[:length]
+      ids[row, :len(data)] = np.frombuffer(data, np.uint8)
+    return ids, ids > 0
+  return tokenize
+
+
+def detokenize(ids: np.ndarray) -> str:
+  return bytes(int(i) for i in ids if i > 0).decode("utf-8")

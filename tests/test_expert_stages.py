@@ -200,7 +200,8 @@ def test_decision_files_hold_one_decision_per_candidate(main_run):
 
 def test_icl_shards_round_trip_through_the_trainers_loader(main_run):
   from suti.train.input_pipeline import TrainInput
-  from test_input_pipeline import byte_tokenize
+  from shared_fixtures import byte_tokenizer
+  byte_tokenize = byte_tokenizer(12)
   out, _, _ = main_run
   written = read_icl(out)
   train_keys = [e.key for e in written["train"]]
@@ -444,3 +445,13 @@ def test_lora_experts_store_only_lora_arrays(main_run, web, base, tmp_path):
       keys = list(f.keys())
       assert keys and all(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in keys)
       assert info["num_params"] == sum(f.get_tensor(k).size for k in keys)
+
+
+def test_icl_preview_shows_one_row_per_example(main_run):
+  from PIL import Image
+  from data_pipeline.preview import write_icl_sheet
+  out, _, _ = main_run
+  path = write_icl_sheet(out, cell=16, gap=2, max_examples=5)
+  examples = min(5, len(read_icl(out)["train"]))
+  with Image.open(path) as sheet:
+    assert sheet.size[1] == examples * (16 + 2)

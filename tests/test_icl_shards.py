@@ -16,21 +16,13 @@ from suti.experts.icl_shards import (ICLExample, examples_for_cluster, icl_shard
                                      read_icl_shard, write_icl_shard)
 from suti.train.image_ops import resize_and_crop, to_model_range
 from suti.train.input_pipeline import TrainInput, resolve_shards
+from shared_fixtures import byte_tokenizer, detokenize
 
 SIZE = 32
 TEXT_LEN = 64
 
 
-def byte_tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.zeros((len(texts), TEXT_LEN), np.int32)
-  for row, text in enumerate(texts):
-    data = text.encode("utf-8")[:TEXT_LEN]
-    ids[row, :len(data)] = np.frombuffer(data, np.uint8)
-  return ids, ids > 0
-
-
-def detokenize(ids: np.ndarray) -> str:
-  return bytes(int(i) for i in ids if i > 0).decode("utf-8")
+byte_tokenize = byte_tokenizer(TEXT_LEN)
 
 
 def cluster(cluster_id: str, subject: tw.Subject, backgrounds: list[str], size: int = SIZE) -> ClusterRecord:

@@ -17,21 +17,13 @@ from data_pipeline.shard_io import write_tar
 from data_pipeline.toyweb import write_toyweb
 from suti.train.image_ops import resize_and_crop, to_model_range
 from suti.train.input_pipeline import InputPosition, TrainInput, resolve_shards
+from shared_fixtures import byte_tokenizer, detokenize
 
 TEXT_LEN = 12
 SIZE = 8
 
 
-def byte_tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.zeros((len(texts), TEXT_LEN), np.int32)
-  for row, text in enumerate(texts):
-    data = text.encode("utf-8")[:TEXT_LEN]
-    ids[row, :len(data)] = np.frombuffer(data, np.uint8)
-  return ids, ids > 0
-
-
-def detokenize(ids: np.ndarray) -> str:
-  return bytes(int(i) for i in ids if i > 0).decode("utf-8")
+byte_tokenize = byte_tokenizer(TEXT_LEN)
 
 
 def png(color: tuple[int, int, int], height: int = 12, width: int = 10) -> bytes:
