@@ -19,15 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("suti.eval.main", "DreamBench-style evaluation"),
     "demo": ("suti.demo", "the whole loop on the embedded toy world"),
     "info": ("suti.info", "resolved config and parameter counts"),
+    "export": ("suti.train.export", "a training run's EMA weights as a small checkpoint to ship"),
 }
-
-# Work that later issues fill in; until then the command says so and exits non-zero.
-PENDING: dict[str, str] = {
-    "generate": "few-shot generation arrives with the generation/evaluation issue",
-    "eval": "evaluation arrives with the generation/evaluation issue",
-    "demo": "the toy-world demo arrives with the generation/evaluation issue",
-}
-
 
 def _usage() -> str:
   lines = ["usage: suti <command> [args]", "", "commands:"]
@@ -59,9 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"suti: error: unknown command '{name}'\n{_usage()}", file=sys.stderr)
     return 2
-  if name in PENDING:
-    print(f"suti {name}: not available yet: {PENDING[name]}", file=sys.stderr)
-    return 3
   module = importlib.import_module(COMMANDS[name][0])
   return run_user_command(module.main, rest, f"suti {name}")
 

@@ -65,3 +65,29 @@ def byte_tokenizer(length: int):
 
 def detokenize(ids: np.ndarray) -> str:
   return bytes(int(i) for i in ids if i > 0).decode("utf-8")
+
+
+def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, seed: int = 0,
+                          live_neighbors: bool = False) -> str:
+  """An untrained tiny model (tiny_config) saved as a weights checkpoint in `out_dir`, as `suti export` writes one.
+
+  live_neighbors: the zero-initialised output projections of the neighbor attention get random values, so the
+  demos change the output (a fresh apprentice ignores them by construction)."""
+  import jax
+  from flax import nnx
+
+  from suti.models.model import SuTIModel
+  from suti.train.export import save_weights
+  cfg = tiny_config(config_name)
+  model = SuTIModel(cfg, rngs=nnx.Rngs(seed))
+  weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if live_neighbors:
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, leaf):
+      names = [str(getattr(p, "key", p)) for p in path]
+      if any("neighbor" in n for n in names) and "to_out" in names:
+        return np.asarray(rng.normal(0, 0.3, np.shape(leaf)), np.float32)
+      return np.asarray(leaf)
+    weights = jax.tree_util.tree_map_with_path(perturb, weights)
+  return save_weights(out_dir, 1, weights, {"config": json.loads(cfg.to_json_best_effort())})

@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from suti import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,13 +11,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_unknown_command_exits_2(capsys):
   assert cli.main(["frobnicate"]) == 2
   assert "unknown command 'frobnicate'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("name", sorted(cli.PENDING))
-def test_pending_commands_say_so_and_fail(name, capsys):
-  assert cli.main([name, "--anything"]) != 0
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "not available yet" in err
 
 
 def test_info_sd15_counts_exactly_sd15_unet(capsys):

@@ -40,17 +40,18 @@ def unflatten_weights(flat: Mapping[str, Any]) -> dict:
   return tree
 
 
-def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from") -> int:
+def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from", *,
+                 strict: bool = False) -> int:
   """Copies `weights` (nested dict or flat {'a/b/kernel': array}) into `model` in place; returns how many arrays
-  were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers. `source` names
-  where the weights come from in error messages."""
+  were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers, and not at all with
+  strict=True (loading a trained apprentice). `source` names where the weights come from in error messages."""
   flat = flatten_weights(weights)
   loaded = 0
   missing = []
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name = "/".join(map(str, path))
     if name not in flat:
-      if not is_neighbor_param(path):
+      if strict or not is_neighbor_param(path):
         missing.append(name)
       continue
     value = np.asarray(flat.pop(name))

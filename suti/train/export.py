@@ -1,0 +1,77 @@
+"""`suti export --checkpoint RUN --out DIR`: a training run's weights as a small checkpoint to ship or share.
+
+A training workdir holds the optimizer moments, the trained and the EMA weights of its last few steps (four copies
+of the model each). An exported checkpoint holds one step: the EMA weights (or the trained ones with --no-ema)
+as the `params` item and the run's `meta` (config, step), in the same Orbax layout as the trainer's checkpoints,
+so `load_params`, `suti generate`, `suti eval` and `train.init_from` read it like any run:
+
+  DIR/<step>/params/   the weights, float32
+  DIR/<step>/meta/     {"config": ..., "step": ..., "exported_from": ...}
+
+  suti export --checkpoint /tmp/toy_base --out checkpoints/toy_base
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Sequence
+
+import numpy as np
+
+
+def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False) -> str:
+  """Writes the weights of `source` (a workdir, its checkpoints/ folder or one step) to `out_dir`; returns the
+  step directory written."""
+  from suti.train.checkpoint import checkpoint_config, load_params
+  weights, meta = load_params(source, prefer_ema=prefer_ema)
+  checkpoint_config(meta, f"checkpoint {source}")  # a run's checkpoint: its config must be readable
+  step = int(meta.get("step", 0))
+  out = os.path.abspath(out_dir)
+  if os.path.isdir(out) and any(n.isdigit() for n in os.listdir(out)):
+    if not overwrite:
+      raise ValueError(f"{out_dir} already holds a checkpoint (pass --overwrite to replace it)")
+    for name in os.listdir(out):
+      if name.isdigit():
+        shutil.rmtree(os.path.join(out, name))
+  meta = dict(meta, exported_from=os.path.abspath(source), weights="ema" if prefer_ema else "params")
+  meta.pop("input_positions", None)  # a shipped checkpoint is not a place to resume training from
+  return save_weights(out, step, weights, meta)
+
+
+def save_weights(out_dir: str, step: int, weights: dict, meta: dict) -> str:
+  """Writes nnx pure-dict weights and a meta dict (with "config") as one checkpoint step; returns its folder."""
+  from suti.train.checkpoint import Checkpointer
+  if not isinstance(meta.get("config"), dict):
+    raise ValueError("a weights checkpoint needs meta['config'] (the model's config as a dict)")
+  checkpointer = Checkpointer(os.path.abspath(out_dir), keep=1, async_save=False)
+  try:
+    checkpointer.save(int(step), {"params": _as_arrays(weights)}, dict(meta, step=int(step)))
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+  return os.path.join(os.path.abspath(out_dir), str(int(step)))
+
+
+def _as_arrays(tree):
+  return {k: _as_arrays(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="suti export", description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", required=True, help="a suti train workdir, its checkpoints/ or one step")
+  parser.add_argument("--out", required=True, help="the folder to write (one step inside)")
+  parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
+  parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  path = export_checkpoint(args.checkpoint, args.out, prefer_ema=not args.no_ema, overwrite=args.overwrite)
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+  print(f"suti export: {path} ({size / 1e6:.1f} MB)")
+  return 0
+
+
+if __name__ == "__main__":
+  from suti.cli import run_user_command
+
+  sys.exit(run_user_command(main, sys.argv[1:], "suti export"))

@@ -1,0 +1,50 @@
+"""`suti export`: a run's EMA weights as a one-step checkpoint that loads exactly like the run."""
+import os
+
+import numpy as np
+import pytest
+
+from data_pipeline.toyweb import write_toyweb
+from shared_fixtures import tiny_config
+from suti import cli
+from suti.models.load_weights import flatten_weights
+from suti.train.checkpoint import load_params
+from suti.train.trainer import train
+
+
+def _size(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_export_keeps_the_ema_weights_exactly_and_drops_the_rest(tmp_path, capsys):
+  web = str(tmp_path / "web")
+  write_toyweb(web, pages=6, seed=0, image_size=16, benchmark_per_class=0)
+  run = str(tmp_path / "run")
+  train(tiny_config(overrides=[("train.steps", "3"), ("train.batch_size", "8"), ("train.sample_every", "0"),
+                               ("train.checkpoint_every", "3"), ("data.shards", os.path.join(web, "*.tar"))]), run,
+        progress=False)
+  out = str(tmp_path / "export")
+  assert cli.main(["export", "--checkpoint", run, "--out", out]) == 0
+  assert "suti export:" in capsys.readouterr().out
+  assert os.listdir(out) == ["3"]
+  exported, meta = load_params(out)
+  original, run_meta = load_params(run)  # EMA merged with the frozen part, as training saved it
+  a, b = flatten_weights(exported), flatten_weights(original)
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name])
+  trained, _ = load_params(run, prefer_ema=False)
+  assert any(not np.array_equal(v, flatten_weights(trained)[k]) for k, v in a.items())  # EMA, not the params
+  assert meta["config"] == run_meta["config"] and meta["step"] == 3 and "input_positions" not in meta
+  assert _size(out) * 2 < _size(os.path.join(run, "checkpoints", "3"))  # no optimizer state, one copy of weights
+  assert cli.main(["export", "--checkpoint", run, "--out", out]) == 2
+  assert "already holds a checkpoint" in capsys.readouterr().err
+  assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--no-ema"]) == 0
+  c = flatten_weights(load_params(out)[0])
+  assert all(np.array_equal(c[k], v) for k, v in flatten_weights(trained).items())
+
+
+def test_export_of_a_folder_without_a_checkpoint_is_an_error(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  assert cli.main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+  assert capsys.readouterr().err.count("\n") == 1
