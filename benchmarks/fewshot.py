@@ -1,0 +1,109 @@
+"""Time per subject: SuTI few-shot vs DreamBooth (fine-tune + sample), and few-shot vs plain sampling. Ends with
+one JSON line.
+
+  python benchmarks/fewshot.py [--checkpoint checkpoints/toy_suti] [--base checkpoints/toy_base] [--subjects 3]
+      [--prompts 4] [--expert-steps 200]
+
+Per held-out toy subject (3 demos, `--prompts` prompts, one image each, the apprentice's sampler and steps):
+  suti        the apprentice samples the prompts with the demos (neighbor tokens once per call);
+  dreambooth  a DreamBooth expert is fine-tuned on the demos from the base model (the pipeline's expert code and
+              settings, --expert-steps steps) and samples the same prompts with the same sampler and steps;
+  plain       the base model samples the same prompts text-to-image (two guided rows per step), through the same
+              compiled sampler class as the apprentice.
+Every program is compiled before timing (one warm-up subject); times are medians over subjects.
+speedup_vs_dreambooth = dreambooth / suti (goal >= 50); fewshot_vs_plain_ratio = suti / plain (goal <= 1.1) with
+the apprentice's own guidance, and fewshot_vs_plain_ratio_equal_scales with text_scale = neighbor_scale, where
+joint guidance needs the same two rows as plain guidance (separate scales add the e(c,0) row, 1.5x by
+construction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", default="checkpoints/toy_suti")
+  parser.add_argument("--base", default="checkpoints/toy_base")
+  parser.add_argument("--subjects", type=int, default=3)
+  parser.add_argument("--prompts", type=int, default=4)
+  parser.add_argument("--expert-steps", type=int, default=200)
+  args = parser.parse_args()
+
+  from configs.pipeline import toy_icl
+  from data_pipeline.clip_filter import resolve_checkpoint
+  from data_pipeline.toyweb import write_toyweb
+  from suti.eval.benchmark import read_benchmark
+  from suti.experts.dreambooth import ExpertTrainer
+  from suti.experts.render import Renderer
+  from suti.infer.fewshot import FewShotSampler
+  from suti.infer.load_model import load_model
+  from suti.train.checkpoint import checkpoint_config, load_params
+
+  web = tempfile.mkdtemp(prefix="bench_fewshot_")
+  write_toyweb(web, 1, seed=3, benchmark_per_class=1)
+  bench = read_benchmark(os.path.join(web, "benchmark"), max_subjects=args.subjects + 1, max_prompts=args.prompts)
+  loaded = load_model(args.checkpoint, kind="apprentice")
+  suti = FewShotSampler(loaded, batch_size=args.prompts)
+  s = suti.sample_cfg
+  equal = FewShotSampler(loaded, batch_size=args.prompts, sample_overrides={"neighbor_scale": float(s.text_scale)})
+  weights, meta = load_params(resolve_checkpoint(args.base))
+  base_cfg = checkpoint_config(meta)
+  shared = {k: s[k] for k in ("sampler", "steps", "text_scale", "dynamic_threshold", "guidance_mode")}
+  renderer = Renderer(base_cfg, batch_size=args.prompts, sample_overrides=shared)
+  plain = FewShotSampler(load_model(args.base, kind="base"), batch_size=args.prompts, sample_overrides=shared)
+  experts_cfg = toy_icl.get_config().experts
+  with experts_cfg.unlocked():
+    experts_cfg.steps = args.expert_steps
+    experts_cfg.prior_weight = 0.0  # class images are shared by every subject of a class: not per-subject cost
+  trainer = ExpertTrainer(base_cfg, weights, experts_cfg)
+
+  times: dict[str, list[float]] = {"suti": [], "suti_equal_scales": [], "dreambooth": [], "plain": []}
+  for i, subject in enumerate(bench.subjects):
+    demos = subject.images[:3]
+    captions = [f"a photo of a {subject.cls}"] * len(demos)
+    prompts = subject.prompts
+
+    def timed(fn):
+      start = time.perf_counter()
+      fn()
+      return time.perf_counter() - start
+
+    runs = {
+        "suti": lambda: suti.sample(prompts, i, demos=[demos] * len(prompts), demo_captions=[captions] * len(prompts)),
+        "suti_equal_scales": lambda: equal.sample(prompts, i, demos=[demos] * len(prompts),
+                                                  demo_captions=[captions] * len(prompts)),
+        "plain": lambda: plain.sample(prompts, i),
+        "dreambooth": lambda: renderer.render(
+            trainer.merged_weights(trainer.train(demos, subject.cls, subject.token, seed=i)), prompts, i),
+    }
+    for name, run in runs.items():
+      seconds = timed(run)
+      if i > 0:  # subject 0 compiles every program
+        times[name].append(seconds)
+      print(f"subject {subject.name}: {name} {seconds:.2f} s" + (" (warm-up, compiles)" if i == 0 else ""))
+
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  result = {"subjects": len(times["suti"]), "prompts_per_subject": args.prompts, "sampler": s.sampler,
+            "steps": int(s.steps), "text_scale": float(s.text_scale), "neighbor_scale": float(s.neighbor_scale),
+            "expert_steps": args.expert_steps,
+            "seconds_per_subject": {k: round(v, 3) for k, v in med.items()},
+            "speedup_vs_dreambooth": round(med["dreambooth"] / med["suti"], 1),
+            "fewshot_vs_plain_ratio": round(med["suti"] / med["plain"], 3),
+            "fewshot_vs_plain_ratio_equal_scales": round(med["suti_equal_scales"] / med["plain"], 3)}
+  print(f"per subject ({args.prompts} images): SuTI {med['suti']:.2f} s, DreamBooth {med['dreambooth']:.2f} s "
+        f"({args.expert_steps} steps + sampling), plain text-to-image {med['plain']:.2f} s")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
