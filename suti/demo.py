@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--base", default="checkpoints/toy_base", help="the base model (experts, DreamBooth)")
   parser.add_argument("--from-scratch", action="store_true", help="retrain the base and the apprentice first")
   parser.add_argument("--pages", type=int, default=16, help="pages of the demo crawl")
-  parser.add_argument("--subjects-per-class", type=int, default=1, help="held-out benchmark subjects per class")
+  parser.add_argument("--subjects", type=int, default=8, help="held-out subjects to evaluate")
   parser.add_argument("--prompts", type=int, default=4, help="prompts per subject")
   parser.add_argument("--expert-steps", type=int, default=60, help="DreamBooth steps of the pipeline's experts")
   parser.add_argument("--no-progress", action="store_true")
@@ -152,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   t = time.perf_counter()
   web = os.path.join(out, "web")
-  summary = write_toyweb(web, args.pages, seed=7, benchmark_per_class=args.subjects_per_class, progress=progress)
+  if args.subjects < 1 or args.prompts < 1:
+    raise ValueError("--subjects and --prompts must be >= 1")
+  summary = write_toyweb(web, args.pages, seed=7, benchmark_per_class=-(-args.subjects // 8), progress=progress)
   log(f"toy crawl: {summary['samples']} samples from {args.pages} pages, benchmark of "
       f"{summary['benchmark_subjects']} held-out subjects")
   timings["toy crawl"] = time.perf_counter() - t
@@ -165,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t = time.perf_counter()
   cfg = load_config(os.path.join(CONFIGS, "eval", "toy.py"),
                     [("eval.max_prompts", str(args.prompts)), ("eval.images_per_prompt", "1"),
+                     ("eval.max_subjects", str(args.subjects)),
                      ("eval.report_prompts", str(args.prompts)), ("dreambooth.base_checkpoint", base)])
   metrics = evaluate(checkpoint, os.path.join(web, "benchmark"), os.path.join(out, "eval"), cfg, progress=progress,
                      log=log)
