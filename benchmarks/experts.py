@@ -28,7 +28,7 @@ from data_pipeline.expert_stages import save_expert, stable_seed
 from data_pipeline.runner_local import run_local
 from data_pipeline.toyweb import write_toyweb
 from suti.config import load_config
-from suti.experts.dreambooth import ExpertTrainer, prepare_images
+from suti.experts.dreambooth import ExpertTrainer, expert_token, prepare_images, render_prompt
 from suti.experts.render import Renderer
 from suti.experts.target_filter import FilterTally, TargetFilterConfig, clip_prompt, decide, score_candidates
 from suti.train.checkpoint import checkpoint_config, load_params
@@ -98,31 +98,33 @@ def main() -> None:
     start = time.perf_counter()
     trainer = ExpertTrainer(base_cfg, weights, experts_cfg)
     build = time.perf_counter() - start
-    if not base_scores:  # the base model's renders of the same prompts: the reference
+    bound = expert_token(experts_cfg, token)  # the rare token, or none when the experts bind the class noun
+    if not base_scores:  # the base model's renders of the same prompts (token-free: it never saw it): the reference
       for record in records:
         jobs = render_jobs(record, args.seeds)
-        images = renderer.render(trainer.base_weights, [p for p, _ in jobs], stable_seed(record.cluster_id, "bench"))
+        images = renderer.render(trainer.base_weights, [render_prompt(p, token, "") for p, _ in jobs],
+                                 stable_seed(record.cluster_id, "bench"))
         base_scores.extend(score(clip, record, images, jobs, token, filter_cfg)[0])
     class_cache: dict[str, np.ndarray] = {}
     seconds, sizes, scores, tally = [], [], [], FilterTally()
     compile_extra = 0.0
     for i, record in enumerate(records):
       noun = record.meta.get("class_noun", "object")
-      if noun not in class_cache:
+      if noun not in class_cache and float(experts_cfg.prior_weight) > 0:
         rendered = renderer.render(trainer.base_weights, [experts_cfg.class_prompt.format(noun=noun)] *
                                    int(experts_cfg.num_class_images), stable_seed("class", noun))
         class_cache[noun] = prepare_images(list(rendered), trainer.image_size)
-      expert = trainer.train(record.images, noun, token, class_images=class_cache[noun],
-                             seed=stable_seed(record.cluster_id))
+      captions = list(record.captions) if experts_cfg.caption_prompts else None
+      train_args = dict(class_images=class_cache.get(noun), seed=stable_seed(record.cluster_id), captions=captions)
+      expert = trainer.train(record.images, noun, bound, **train_args)
       if i == 0:  # the first expert also compiles the step: time a second run of the same expert
         first = expert.seconds
-        expert = trainer.train(record.images, noun, token, class_images=class_cache[noun],
-                               seed=stable_seed(record.cluster_id))
+        expert = trainer.train(record.images, noun, bound, **train_args)
         compile_extra = first - expert.seconds
       seconds.append(expert.seconds)
       sizes.append(save_expert(os.path.join(work, name, record.cluster_id), expert, {"method": name}))
       jobs = render_jobs(record, args.seeds)
-      images = renderer.render(trainer.merged_weights(expert), [p for p, _ in jobs],
+      images = renderer.render(trainer.merged_weights(expert), [render_prompt(p, token, bound) for p, _ in jobs],
                                stable_seed(record.cluster_id, "bench"))
       s, tal = score(clip, record, images, jobs, token, filter_cfg)
       scores.extend(s)

@@ -43,7 +43,7 @@ def main() -> None:
   from data_pipeline.clip_filter import resolve_checkpoint
   from data_pipeline.toyweb import write_toyweb
   from suti.eval.benchmark import read_benchmark
-  from suti.experts.dreambooth import ExpertTrainer
+  from suti.experts.dreambooth import ExpertTrainer, expert_token, render_prompt
   from suti.experts.render import Renderer
   from suti.infer.fewshot import FewShotSampler
   from suti.infer.load_model import load_model
@@ -72,6 +72,7 @@ def main() -> None:
     demos = subject.images[:3]
     captions = [f"a photo of a {subject.cls}"] * len(demos)
     prompts = subject.prompts
+    bound = expert_token(experts_cfg, subject.token)
 
     def timed(fn):
       start = time.perf_counter()
@@ -84,7 +85,8 @@ def main() -> None:
                                                   demo_captions=[captions] * len(prompts)),
         "plain": lambda: plain.sample(prompts, i),
         "dreambooth": lambda: renderer.render(
-            trainer.merged_weights(trainer.train(demos, subject.cls, subject.token, seed=i)), prompts, i),
+            trainer.merged_weights(trainer.train(demos, subject.cls, bound, seed=i)),
+            [render_prompt(p, subject.token, bound) for p in prompts], i),
     }
     for name, run in runs.items():
       seconds = timed(run)

@@ -1,7 +1,8 @@
 """Pipeline stages `experts` and `targets`: DreamBooth experts per cluster, their renders, the ICL shards.
 
 experts (one task per cluster, accelerator): fine-tunes the base model (`experts.base_checkpoint`, a `suti train`
-  workdir) on the cluster's images with the identifier token and class-prior preservation, and stores the expert
+  workdir) on the cluster's images with the identifier token (or the class noun, experts.bind), each image's
+  caption as its prompt with experts.caption_prompts, and class-prior preservation; it stores the expert
   under `<output>/experts/<cluster_id>/`: `expert.safetensors` (LoRA arrays only, or every UNet weight for
   method=full) and `expert.json` (settings, loss, time, size). Class-prior images are rendered once per class
   noun by the base model and kept in `<output>/work/class_images/`. An expert already on disk is reused, so a
@@ -145,14 +146,19 @@ def run_experts(ctx: StageContext, task: Task) -> TaskResult:
   if os.path.isfile(os.path.join(folder, EXPERT_JSON)):
     info = dict(shard_io.read_json(os.path.join(folder, EXPERT_JSON)))
   else:
+    from suti.experts.dreambooth import expert_token
     rt = runtime(ctx)
     noun = record.meta.get("class_noun") or "object"
-    token = record.meta.get("subject_token", ctx.config.captions.token)
+    prompt_token = record.meta.get("subject_token", ctx.config.captions.token)
+    token = expert_token(e, prompt_token)
     seed = stable_seed(record.cluster_id, e.seed)
-    expert = rt.trainer.train(record.images, noun, token, class_images=class_images(ctx, noun), seed=seed)
+    captions = list(record.captions) if e.get("caption_prompts", False) else None
+    expert = rt.trainer.train(record.images, noun, token, class_images=class_images(ctx, noun), seed=seed,
+                              captions=captions)
     tail = expert.losses[-max(1, len(expert.losses) // 10):]
     info = {"cluster_id": record.cluster_id, "expert_id": f"{e.method}-{record.cluster_id}", "method": e.method,
-            "class_noun": noun, "token": token, "instance_prompt": e.instance_prompt.format(token=token, noun=noun),
+            "class_noun": noun, "token": token, "prompt_token": prompt_token, "caption_prompts": bool(captions),
+            "instance_prompt": " ".join(e.instance_prompt.format(token=token, noun=noun).split()),
             "steps": int(e.steps), "lr": float(e.lr), "seed": seed, "num_images": len(record.images),
             "loss_first": round(expert.losses[0], 5), "loss_last": round(float(np.mean(tail)), 5),
             "train_seconds": round(expert.seconds, 3), "num_params": expert.num_params,
@@ -198,17 +204,19 @@ def render_and_score(ctx: StageContext, record, other, folder: str) -> tuple[np.
     if cached.get("render_key") == key:
       with np.load(base + ".npz") as f:
         return f["images"], dict(cached)
+  from suti.experts.dreambooth import render_prompt
   rt = runtime(ctx)
   expert, info = load_expert(folder)
   t = ctx.config.targets
   jobs = [(p["prompt"], p["skill"], s) for p in record.prompts for s in range(int(t.seeds_per_prompt))]
-  start = time.perf_counter()
-  images = rt.renderer.render(rt.trainer.merged_weights(expert), [j[0] for j in jobs],
+  prompt_token = info.get("prompt_token", info.get("token", ctx.config.captions.token))
+  start = time.perf_counter()  # the expert reads the prompts with its own token (none when it binds the class noun)
+  images = rt.renderer.render(rt.trainer.merged_weights(expert),
+                              [render_prompt(j[0], prompt_token, info.get("token", prompt_token)) for j in jobs],
                               stable_seed(record.cluster_id, "targets", t.seed))
   seconds = time.perf_counter() - start
   model, _, tokenizer = _clip(ctx)
-  token = info.get("token", ctx.config.captions.token)
-  scores = score_candidates(model, tokenizer, list(images), [clip_prompt(j[0], token) for j in jobs],
+  scores = score_candidates(model, tokenizer, list(images), [clip_prompt(j[0], prompt_token) for j in jobs],
                             list(record.images), int(ctx.config.clip.batch_size))
   cache = {"cluster_id": record.cluster_id, "expert_id": info["expert_id"], "render_key": key,
            "render_seconds": round(seconds, 3),

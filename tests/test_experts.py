@@ -34,6 +34,7 @@ def cluster_images(subject: tw.Subject) -> list[np.ndarray]:
 def experts_settings(**changes):
   """The `experts` section of configs/pipeline/toy_icl.py with test changes."""
   ex = load_config(os.path.join(CONFIGS, "pipeline", "toy_icl.py")).experts
+  ex.bind = "token"  # DreamBooth's rare identifier (the toy config binds the class noun; tested apart)
   ex.prior_weight = 0.0  # no class images here: fits the instance images only
   ex.lora.down_ranks, ex.lora.mid_rank, ex.lora.up_ranks = (4, 0), 0, (0, 4)  # the tiny UNet has 2 + 1 + 2 blocks
   for key, value in changes.items():
@@ -179,6 +180,44 @@ def test_prior_preservation_batch_and_weights(base):
     np.testing.assert_array_equal(np.asarray(batch["loss_weight"]), np.ones(b, np.float32))
 
 
+# --- binding the subject: caption prompts, the class noun ----------------------------------------------------
+def test_instance_prompt_from_caption():
+  from suti.experts.dreambooth import instance_prompt_from_caption as prompt
+  assert prompt("a picture of a green starfish with purple dots in the snow", "starfish", "sks", "F") == \
+      "a picture of a sks starfish with purple dots in the snow"
+  assert prompt("a black and white photo of a small red heart at night", "heart", "", "F") == \
+      "a black and white photo of a heart at night"  # bind=class_noun: no token, no gap
+  assert prompt("Starfish, on sale!", "starfish", "sks", "F") == "sks starfish on sale!"  # no article: the noun alone
+  assert prompt("IMG_0042", "starfish", "sks", "a sks starfish") == "a sks starfish"
+
+
+def test_render_prompt_and_expert_token():
+  from suti.experts.dreambooth import expert_token, render_prompt
+  assert expert_token(experts_settings(), "sks") == "sks"
+  assert expert_token(experts_settings(bind="class_noun"), "sks") == ""
+  assert render_prompt("a sks ball on the beach", "sks", "") == "a ball on the beach"
+  assert render_prompt("a sks ball on the beach", "sks", "sks") == "a sks ball on the beach"
+  assert render_prompt("asks a sks ball", "sks", "zqx") == "asks a zqx ball"  # whole words only
+
+
+def test_caption_prompts_give_each_image_its_own_prompt(base):
+  trainer = ExpertTrainer(*base, experts_settings(batch_size=16, bind="class_noun"))  # never steps: no compile
+  instance = np.stack([np.full((8, 8, 3), 0.1 * i, np.float32) for i in range(3)])
+  captions = [f"a red {NOUN} on the beach", "IMG_0042", f"a sketch of a {NOUN} in the snow"]
+  batch = next(trainer.batches(instance, None, NOUN, "", np.random.default_rng(0), captions))
+  model = SuTIModel(base[0], rngs=nnx.Rngs(0))
+  expected = model.tokenize([f"a {NOUN} on the beach", f"a {NOUN}", f"a sketch of a {NOUN} in the snow"])[0]
+  images, ids = np.asarray(batch["images"]), np.asarray(batch["ids"])
+  seen = set()
+  for image, row in zip(images, ids):
+    k = int(round(float(image[0, 0, 0]) / 0.1))  # which instance image this row shows
+    np.testing.assert_array_equal(row, expected[k])  # ... trains with that image's own prompt
+    seen.add(k)
+  assert seen == {0, 1, 2}
+  with pytest.raises(ValueError, match="3 instance images but 2 captions"):
+    next(trainer.batches(instance, None, NOUN, "", np.random.default_rng(0), captions[:2]))
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes,match", [
     (dict(method="dreambooth"), "experts.method"),
@@ -186,6 +225,8 @@ def test_prior_preservation_batch_and_weights(base):
     (dict(batch_size=0), "experts.batch_size"),
     (dict(prior_weight=-1.0), "experts.prior_weight"),
     (dict(instance_prompt="a special {noun}"), r"\{token\}"),
+    (dict(bind="word"), "experts.bind"),
+    (dict(bind="class_noun", prior_weight=1.0), "set experts.prior_weight=0"),
 ])
 def test_bad_settings(base, changes, match):
   with pytest.raises(ValueError, match=match):

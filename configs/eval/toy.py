@@ -7,7 +7,8 @@
 Per subject the first `eval.num_demos` reference images are the demos; every prompt is sampled
 `eval.images_per_prompt` times per method with the same sampler settings. Metrics: CLIP-I / CLIP-T with the toy
 CLIP, DINO when `dino.checkpoint` names a local file, and on toy benchmarks identity retrieval (the true subject
-ranked first by CLIP-I among `toy.identity_candidates` held-out subjects of its class) and context accuracy
+ranked first by CLIP-I among `toy.identity_candidates` held-out subjects of its class, each represented by renders
+in random contexts) and context accuracy
 (zero-shot CLIP picks the prompt's background among all 8). The DreamBooth baseline fine-tunes
 `dreambooth.base_checkpoint` on the demos with the data pipeline's expert settings (configs/pipeline/toy_icl.py).
 """
@@ -48,7 +49,7 @@ def get_config() -> mlc.ConfigDict:
 
   c.toy = mlc.ConfigDict()
   c.toy.identity_candidates = 10  # M: the true subject + M-1 held-out subjects of its class; 0 turns it off
-  c.toy.distractor_references = 4  # reference renders per distractor
+  c.toy.distractor_references = 4  # reference renders per candidate (the true subject too), random contexts
 
   c.dreambooth = toy_icl.get_config().experts  # base_checkpoint, method, steps, lr, prior preservation, LoRA
   return c

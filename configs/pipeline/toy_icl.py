@@ -32,7 +32,16 @@ def get_config() -> mlc.ConfigDict:
   c.experts.optimizer = "adamw"  # adamw | adafactor
   c.experts.warmup_steps = 0
   c.experts.batch_size = 4  # instance images per step (plus as many class images with prior preservation)
-  c.experts.prior_weight = 1.0  # lambda of class-prior preservation; 0 turns it off
+  # How the toy experts bind the subject (measured on the shipped toy base, docs in README "Experts"): with
+  # DreamBooth's rare token ("a sks ball", prior preservation) the experts learned the subject but lost the
+  # contexts ("a sks ball on the beach" came out on a pale background for 4 of 5 backgrounds), at lr 5e-5 .. 2e-4,
+  # 100 .. 200 steps, full or LoRA: the toy's byte-level text encoder never saw "sks" and places it in no
+  # context. Binding the class noun itself (the expert is thrown away after rendering, so its drift costs
+  # nothing) with each image's caption as its prompt ("a picture of a starfish with purple dots in the snow")
+  # rendered every background asked for. web_icl.py keeps DreamBooth's token and prior preservation.
+  c.experts.bind = "class_noun"  # token (DreamBooth's rare identifier) | class_noun
+  c.experts.caption_prompts = True  # each instance image trains with its caption, subject phrase -> token + noun
+  c.experts.prior_weight = 0.0  # lambda of class-prior preservation; 0 turns it off (required by bind=class_noun)
   c.experts.num_class_images = 16  # base-model renders of the class prompt, per class noun
   c.experts.instance_prompt = "a {token} {noun}"
   c.experts.class_prompt = "a {noun}"

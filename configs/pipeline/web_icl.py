@@ -29,6 +29,9 @@ def get_config() -> mlc.ConfigDict:
 
   c.experts.base_checkpoint = ""  # a `suti train` workdir of the base model (e.g. configs/imagen64.py)
   c.experts.method = "full"
+  c.experts.bind = "token"  # DreamBooth's rare identifier, with class-prior preservation
+  c.experts.caption_prompts = False
+  c.experts.prior_weight = 1.0
   c.experts.steps = 500
   c.experts.lr = 1e-5
   c.experts.optimizer = "adafactor"

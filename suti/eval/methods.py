@@ -78,11 +78,13 @@ class MethodRunner:
     elif method == "text_only":
       images = self.sampler.sample(prompts, seed)
     elif method == "dreambooth":
+      from suti.experts.dreambooth import expert_token, render_prompt
       trainer, renderer = self._expert
       class_images = self.class_images(cls)
       start = time.perf_counter()  # the class images are shared by all subjects of a class: not counted
-      expert = trainer.train(demos, cls, token, class_images=class_images, seed=seed)
-      images = renderer.render(trainer.merged_weights(expert), prompts, seed)
+      bound = expert_token(self.dreambooth_cfg, token)  # the rare token, or the class noun itself (experts.bind)
+      expert = trainer.train(demos, cls, bound, class_images=class_images, seed=seed)
+      images = renderer.render(trainer.merged_weights(expert), [render_prompt(p, token, bound) for p in prompts], seed)
     elif method == "copy":
       small = [resize_and_crop(d, self.size) for d in demos]
       images = np.stack([small[i % len(small)] for i in range(len(prompts))])

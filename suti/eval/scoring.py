@@ -3,7 +3,8 @@
 Per image: CLIP-I (mean cosine to the subject's real images), CLIP-T (to the prompt without the identifier
 token), DINO (when a DINO checkpoint is given), near_copy (a demo reproduced: mean pixel difference to a demo below
 eval.near_copy_pixel_threshold, or CLIP cosine to a demo at or above eval.near_copy_clip_threshold), and on toy
-benchmarks identity_rank (0 = the true subject ranks first among toy.identity_candidates subjects of its class)
+benchmarks identity_rank (0 = the true subject ranks first among toy.identity_candidates subjects of its class, each
+represented by toy.distractor_references renders in random contexts)
 and context_ok (zero-shot CLIP picks the prompt's background). Means over all images are the reported figures.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ class SubjectReference:
   demo_pixels: list[np.ndarray]  # the demos at the model's resolution
   demo_clip: np.ndarray
   toy: object | None = None  # the toy subject when the benchmark is a toy one
-  candidates: list[np.ndarray] = field(default_factory=list)  # CLIP embeddings of each candidate's real images
+  candidates: list[np.ndarray] = field(default_factory=list)  # CLIP embeddings of renders of each candidate, true first
 
 
 class Scorer:
@@ -54,9 +55,11 @@ class Scorer:
     m = int(self.toy_cfg.identity_candidates)
     ref.toy = toy_truth.toy_subject(subject.name, subject.cls)
     if ref.toy is not None and m > 1:
-      n = int(self.toy_cfg.distractor_references)
-      ref.candidates = [ref.clip_real] + [self.clip.images(toy_truth.reference_renders(s, n, subject.images[0].shape[0]))
-                                          for s in toy_truth.distractors(ref.toy, m - 1)]
+      # Every candidate, the true subject included, is represented alike: fresh renders in random contexts (not
+      # the demos, which a copy would match by construction).
+      n, size = int(self.toy_cfg.distractor_references), subject.images[0].shape[0]
+      ref.candidates = [self.clip.images(toy_truth.reference_renders(s, n, size))
+                        for s in [ref.toy] + toy_truth.distractors(ref.toy, m - 1)]
     return ref
 
   def score(self, ref: SubjectReference, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:

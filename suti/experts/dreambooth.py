@@ -18,6 +18,7 @@ full, new A and zero B for LoRA), so experts are independent of the order they w
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from suti.train.optim import make_optimizer
 from suti.train.step import init_train_state, make_train_step, step_rng
 
 METHODS = ("full", "lora", "blockwise_lora")
+BINDINGS = ("token", "class_noun")
 
 
 @dataclass
@@ -66,6 +68,28 @@ def check_settings(experts_cfg: mlc.ConfigDict) -> None:
     raise ValueError(f"experts.prior_weight must be >= 0, got {experts_cfg.prior_weight}")
   if "{token}" not in experts_cfg.instance_prompt:
     raise ValueError(f"experts.instance_prompt must contain {{token}}: {experts_cfg.instance_prompt!r}")
+  if experts_cfg.get("bind", "token") not in BINDINGS:
+    raise ValueError(f"experts.bind must be one of {BINDINGS}, got {experts_cfg.bind!r}")
+  if experts_cfg.get("bind", "token") == "class_noun" and float(experts_cfg.prior_weight) > 0:
+    raise ValueError("experts.bind=class_noun trains the class prompt itself on the subject, so class-prior "
+                     "preservation would pull the same prompt towards other images: set experts.prior_weight=0")
+
+
+def expert_token(experts_cfg: mlc.ConfigDict, prompt_token: str) -> str:
+  """The word an expert binds the subject to: the prompts' rare identifier (bind=token, DreamBooth), or nothing
+  (bind=class_noun: the class noun itself, "a starfish on the beach"). An expert is thrown away once it has
+  rendered its cluster's prompts, so binding the class noun costs nothing, and it keeps every prompt in the base
+  model's own vocabulary: a small text encoder that never saw the rare token places it in no context."""
+  return prompt_token if experts_cfg.get("bind", "token") == "token" else ""
+
+
+def render_prompt(prompt: str, prompt_token: str, token: str) -> str:
+  """A prompt written with `prompt_token` ("a sks ball on the beach") as the expert that binds `token` reads it
+  ("a ball on the beach" when token is empty)."""
+  if not prompt_token.strip() or prompt_token == token:
+    return prompt
+  replaced = re.sub(rf"(?<!\w){re.escape(prompt_token.strip())}(?!\w)", token, prompt)
+  return " ".join(replaced.split())
 
 
 def expert_train_config(base_cfg: mlc.ConfigDict, experts_cfg: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -89,6 +113,24 @@ def expert_train_config(base_cfg: mlc.ConfigDict, experts_cfg: mlc.ConfigDict) -
 def lora_spec(experts_cfg: mlc.ConfigDict, unet) -> lora_lib.LoRASpec:
   return lora_lib.spec_from_config(experts_cfg.lora, len(unet.down_blocks), len(unet.up_blocks),
                                    blockwise=experts_cfg.method == "blockwise_lora")
+
+
+def instance_prompt_from_caption(caption: str, noun: str, token: str, fallback: str) -> str:
+  """The image's caption with the noun phrase that names the subject replaced by "<token> <noun>", so the expert
+  binds the token to the subject and keeps the caption's context words for the context ("a picture of a green
+  starfish in the snow" -> "a picture of a sks starfish in the snow"); `fallback` when the caption does not name
+  the noun ("IMG_0042", "a photo of a toy")."""
+  words = caption.split()
+  plain = [re.sub(r"[^a-z]", "", w.lower()) for w in words]
+  if noun.lower() not in plain:
+    return fallback
+  end = plain.index(noun.lower())
+  start = end
+  while start > 0 and plain[start - 1] not in ("a", "an", "the"):
+    start -= 1
+  if start == 0 and plain[0] not in ("a", "an", "the"):
+    start = end  # no article before the noun: replace the noun alone
+  return " ".join(words[:start] + [w for w in (token, noun) if w] + words[end + 1:])
 
 
 def prepare_images(images: list[np.ndarray], size: int) -> np.ndarray:
@@ -147,34 +189,44 @@ class ExpertTrainer:
     return jax.tree_util.tree_map_with_path(init, self._template)
 
   def batches(self, instance: np.ndarray, class_images: np.ndarray | None, noun: str, token: str,
-              rng: np.random.Generator):
-    """An endless stream of batches: `batch_size` instance images (+ as many class images with prior weight)."""
+              rng: np.random.Generator, captions: list[str] | None = None):
+    """An endless stream of batches: `batch_size` instance images (+ as many class images with prior weight).
+    With `captions` (one per instance image) each image trains with its own prompt (instance_prompt_from_caption)."""
     s = self.settings
     bs = int(s.batch_size)
-    instance_prompt = s.instance_prompt.format(token=token, noun=noun)
-    texts = [instance_prompt] * bs
+    fixed = " ".join(s.instance_prompt.format(token=token, noun=noun).split())  # an empty token leaves no gap
+    prompts = [instance_prompt_from_caption(c, noun, token, fixed) for c in captions] if captions else [fixed]
+    if captions and len(captions) != len(instance):
+      raise ValueError(f"{len(instance)} instance images but {len(captions)} captions")
+    instance_ids, instance_mask = (np.asarray(a) for a in self._tokenize(prompts))
     weights = [1.0] * bs
     use_prior = class_images is not None and len(class_images) > 0 and float(s.prior_weight) > 0
+    class_ids = class_mask = None
     if use_prior:
-      texts += [s.class_prompt.format(noun=noun)] * bs
+      class_ids, class_mask = (np.asarray(a) for a in self._tokenize([s.class_prompt.format(noun=noun)] * bs))
       # mean(w * l) over 2*bs rows = mean(instance) + lambda * mean(class)
       weights = [2.0] * bs + [2.0 * float(s.prior_weight)] * bs
-    ids, mask = self._tokenize(texts)
-    ids, mask, weights = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
     while True:
-      images = instance[rng.integers(0, len(instance), bs)]
+      picked = rng.integers(0, len(instance), bs)
+      images = instance[picked]
+      rows = picked if captions else np.zeros(bs, int)
+      ids, mask = instance_ids[rows], instance_mask[rows]
       if use_prior:
         images = np.concatenate([images, class_images[rng.integers(0, len(class_images), bs)]])
-      yield {"images": jnp.asarray(images), "ids": ids, "text_mask": mask, "loss_weight": weights}
+        ids, mask = np.concatenate([ids, class_ids]), np.concatenate([mask, class_mask])
+      yield {"images": jnp.asarray(images), "ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask),
+             "loss_weight": weights}
 
   def train(self, images: list[np.ndarray], noun: str, token: str, *, class_images: np.ndarray | None = None,
-            seed: int = 0, progress=None) -> TrainedExpert:
-    """Fine-tunes one expert on `images` (uint8, any size); class_images are float32 [N, S, S, 3] in [-1, 1]."""
+            seed: int = 0, progress=None, captions: list[str] | None = None) -> TrainedExpert:
+    """Fine-tunes one expert on `images` (uint8, any size); class_images are float32 [N, S, S, 3] in [-1, 1];
+    captions (one per image) give each image its own instance prompt (instance_prompt_from_caption)."""
     start = time.perf_counter()
     instance = prepare_images(images, self.image_size)
     state = self._init(self.fresh_params(seed), self.frozen)
     state = state.replace(rng=jax.random.key_data(jax.random.key(seed)))
-    stream = self.batches(instance, class_images, noun, token, np.random.default_rng(seed))
+    stream = self.batches(instance, class_images, noun, token, np.random.default_rng(seed), captions)
     losses = []
     for _ in range(int(self.settings.steps)):
       state, metrics = self._step(state, next(stream), step_rng(state))

@@ -17,15 +17,12 @@ import numpy as np
 from flax import nnx
 
 from suti.diffusion.schedules import make_schedule
+from suti.experts.render import to_uint8
 from suti.infer.demos import demo_batch
 from suti.infer.load_model import LoadedModel
 from suti.infer.sampling import make_sample_fn
 
 SAMPLE_KEYS = ("sampler", "steps", "text_scale", "neighbor_scale", "guidance_mode", "dynamic_threshold")
-
-
-def to_uint8(images) -> np.ndarray:
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def sample_settings(cfg_sample, overrides: Mapping | None):
