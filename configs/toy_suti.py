@@ -9,6 +9,8 @@ becomes 16 tokens; neighbor attention (zero-initialized) sits in the mid block a
 
 train.init_from names a base run (its workdir or one checkpoint step): its EMA weights initialise every layer the
 two models share; the neighbor layers start fresh with zero output projections, so step 0 is the base model.
+checkpoints/toy_suti is this config's run on the ICL shards of a 400-page crawl (3,000 steps, 50 minutes on a shared
+2-core machine; README, "Shipped toy models").
 """
 import ml_collections as mlc
 
@@ -23,4 +25,6 @@ def get_config() -> mlc.ConfigDict:
   c.model.neighbor_attn_resolutions = (4,)
   c.diffusion.p_drop_neighbors = 0.1
   c.sample.neighbor_scale = 2.0
+  # The ICL shards are small (1,337 examples from a 400-page crawl) and the shared layers start from the base.
+  c.train.steps = 3000
   return c

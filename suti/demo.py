@@ -1,7 +1,7 @@
 """`suti demo`: the whole SuTI loop on the embedded toy world, on a laptop CPU, ending with a report.
 
   suti demo [--out suti_demo]                 # ~6 min on 2 cores, with the shipped checkpoints
-  suti demo --from-scratch [--out DIR]        # retrains the base and the apprentice first (hours on 2 cores)
+  suti demo --from-scratch [--out DIR]        # retrains the base and the apprentice first (~3 h on 2 cores)
 
 1. `suti data toyweb`: a small synthetic crawl (shop and gallery pages, duplicates, corrupt files) and a
    benchmark of held-out subjects (never in any crawl).
@@ -59,7 +59,7 @@ def train_from_scratch(out: str, progress: bool) -> tuple[str, str]:
   if not os.path.isdir(icl_web):
     write_toyweb(icl_web, 400, seed=1, progress=progress)
   log("from scratch: the ICL pipeline with one expert per cluster (configs/pipeline/toy_icl.py)")
-  run_pipeline(icl_web, icl_out, base_dir, [], progress)
+  run_pipeline(icl_web, icl_out, base_dir, ["--workers", "2"], progress)  # as the shipped run (README)
   log("from scratch: apprentice training (configs/toy_suti.py)")
   train(load_config(os.path.join(CONFIGS, "toy_suti.py"), [("data.shards", os.path.join(icl_out, "icl", "*.tar")),
                                                             ("train.init_from", base_dir)]), suti_dir,
