@@ -24,6 +24,8 @@ def get_config() -> mlc.ConfigDict:
   c.model.neighbor_token_resolutions = (4,)
   c.model.neighbor_attn_resolutions = (4,)
   c.diffusion.p_drop_neighbors = 0.1
+  # 3.0 (= text_scale) would need two guided rows per step instead of three (benchmarks/fewshot.py: 0.99x plain
+  # sampling instead of 1.38x) but cost CLIP-T on held-out subjects (6.6% below text-only, 3.1% at 2.0; README).
   c.sample.neighbor_scale = 2.0
   # The ICL shards are small (1,337 examples from a 400-page crawl) and the shared layers start from the base.
   c.train.steps = 3000

@@ -42,6 +42,17 @@ def test_export_keeps_the_ema_weights_exactly_and_drops_the_rest(tmp_path, capsy
   assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--no-ema"]) == 0
   c = flatten_weights(load_params(out)[0])
   assert all(np.array_equal(c[k], v) for k, v in flatten_weights(trained).items())
+  # Sampling defaults travel with the weights; keys outside `sample`, and values of the wrong type, are refused.
+  assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--sample", "neighbor_scale=3.5",
+                   "--sample", "steps=7"]) == 0
+  sample = load_params(out)[1]["config"]["sample"]
+  assert sample["neighbor_scale"] == 3.5 and sample["steps"] == 7
+  assert {k: v for k, v in sample.items() if k not in ("neighbor_scale", "steps")} == \
+      {k: v for k, v in run_meta["config"]["sample"].items() if k not in ("neighbor_scale", "steps")}
+  capsys.readouterr()
+  for bad in ("model.image_size=8", "steps=many", "neighbor_scale"):
+    assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--sample", bad]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_export_of_a_folder_without_a_checkpoint_is_an_error(tmp_path, capsys):

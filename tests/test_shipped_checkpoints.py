@@ -18,9 +18,9 @@ def test_shipped_checkpoint_loads_and_matches_its_config(name, config, kind, ste
   loaded = load_model(os.path.join(REPO, "checkpoints", name), kind=kind)
   assert loaded.kind == kind and loaded.step == step
   documented = load_config(os.path.join(REPO, "configs", config))
-  # Model, text encoder and diffusion sections decide what the weights mean; a config edit that changes them
-  # would silently stop describing the shipped model.
-  for section in ("model", "text", "diffusion"):
+  # Model, text encoder and diffusion sections decide what the weights mean, sample how they are used by default;
+  # a config edit that changes them would silently stop describing the shipped model.
+  for section in ("model", "text", "diffusion", "sample"):
     assert loaded.cfg[section].to_dict() == documented[section].to_dict(), section
   assert documented.train.steps == step
   leaves = jax.tree_util.tree_leaves(nnx.state(loaded.model, nnx.Param))

@@ -9,6 +9,10 @@ so `load_params`, `suti generate`, `suti eval` and `train.init_from` read it lik
   DIR/<step>/meta/     {"config": ..., "step": ..., "exported_from": ...}
 
   suti export --checkpoint /tmp/toy_base --out checkpoints/toy_base
+  suti export --checkpoint /tmp/toy_suti --out checkpoints/toy_suti --sample neighbor_scale=3.0
+
+--sample KEY=VALUE sets a sampling default that generate and eval read from the checkpoint (config section
+`sample`: sampler, steps, text_scale, neighbor_scale, ...); nothing that decides what the weights mean can change.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ from typing import Sequence
 import numpy as np
 
 
-def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False) -> str:
-  """Writes the weights of `source` (a workdir, its checkpoints/ folder or one step) to `out_dir`; returns the
-  step directory written."""
+def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False,
+                      sample: Sequence[str] = ()) -> str:
+  """Writes the weights of `source` (a workdir, its checkpoints/ folder or one step) to `out_dir`, with the
+  `sample` settings ("key=value") as the checkpoint's sampling defaults; returns the step directory written."""
   from suti.train.checkpoint import checkpoint_config, load_params
   weights, meta = load_params(source, prefer_ema=prefer_ema)
   checkpoint_config(meta, f"checkpoint {source}")  # a run's checkpoint: its config must be readable
@@ -36,8 +41,24 @@ def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, ove
       if name.isdigit():
         shutil.rmtree(os.path.join(out, name))
   meta = dict(meta, exported_from=os.path.abspath(source), weights="ema" if prefer_ema else "params")
+  meta["config"] = dict(meta["config"], sample=with_sample_settings(meta["config"].get("sample", {}), sample))
   meta.pop("input_positions", None)  # a shipped checkpoint is not a place to resume training from
   return save_weights(out, step, weights, meta)
+
+
+def with_sample_settings(section: dict, settings: Sequence[str]) -> dict:
+  """`section` (the config's sample dict) with "key=value" settings applied, each cast to its key's type."""
+  out = dict(section)
+  for setting in settings:
+    key, sep, value = setting.partition("=")
+    if not sep or key not in out:
+      raise ValueError(f"--sample {setting!r}: expected KEY=VALUE with KEY one of {sorted(out)}")
+    kind = type(out[key])
+    try:
+      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    except ValueError:
+      raise ValueError(f"--sample {setting!r}: {key} takes a {kind.__name__}") from None
+  return out
 
 
 def save_weights(out_dir: str, step: int, weights: dict, meta: dict) -> str:
@@ -64,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the folder to write (one step inside)")
   parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
   parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+  parser.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
+                      help="a sampling default stored with the weights (e.g. neighbor_scale=3.0); repeatable")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  path = export_checkpoint(args.checkpoint, args.out, prefer_ema=not args.no_ema, overwrite=args.overwrite)
+  path = export_checkpoint(args.checkpoint, args.out, prefer_ema=not args.no_ema, overwrite=args.overwrite,
+                           sample=args.sample)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
   print(f"suti export: {path} ({size / 1e6:.1f} MB)")
   return 0
