@@ -22,6 +22,7 @@ import shutil
 import sys
 from typing import Sequence
 
+import ml_collections as mlc
 import numpy as np
 
 
@@ -47,18 +48,15 @@ def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, ove
 
 
 def with_sample_settings(section: dict, settings: Sequence[str]) -> dict:
-  """`section` (the config's sample dict) with "key=value" settings applied, each cast to its key's type."""
-  out = dict(section)
+  """`section` (the config's sample dict) with "key=value" settings applied, checked and cast as --config.* is."""
+  from suti.config import apply_override
+  cfg = mlc.ConfigDict(section)
   for setting in settings:
     key, sep, value = setting.partition("=")
-    if not sep or key not in out:
-      raise ValueError(f"--sample {setting!r}: expected KEY=VALUE with KEY one of {sorted(out)}")
-    kind = type(out[key])
-    try:
-      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-    except ValueError:
-      raise ValueError(f"--sample {setting!r}: {key} takes a {kind.__name__}") from None
-  return out
+    if not sep:
+      raise ValueError(f"--sample {setting!r}: expected KEY=VALUE, KEY one of {sorted(section)}")
+    apply_override(cfg, key, value)
+  return cfg.to_dict()
 
 
 def save_weights(out_dir: str, step: int, weights: dict, meta: dict) -> str:
