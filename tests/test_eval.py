@@ -101,6 +101,21 @@ def _fake_dreambench(root):
   (open(os.path.join(root, "teapot", "notes.txt"), "w")).write("not an image")
 
 
+def test_eval_sampler_settings_default_to_the_checkpoints_and_override_each_key():
+  from configs import toy_suti
+  from configs.eval import toy as eval_toy
+  from suti.eval.main import sample_overrides
+  from suti.infer.fewshot import sample_settings
+  cfg = eval_toy.get_config()
+  own = toy_suti.get_config().sample
+  assert sample_settings(own, sample_overrides(cfg)).to_dict() == own.to_dict()
+  with cfg.unlocked():
+    cfg.sample.guidance_mode, cfg.sample.interleave_eta, cfg.sample.neighbor_scale = "interleaved", 0.0, 4.0
+  got = sample_settings(own, sample_overrides(cfg))
+  assert (got.guidance_mode, got.interleave_eta, got.neighbor_scale, got.text_scale) == \
+      ("interleaved", 0.0, 4.0, own.text_scale)
+
+
 def test_convert_dreambench_layout(tmp_path):
   src, out = str(tmp_path / "db"), str(tmp_path / "bench")
   _fake_dreambench(src)

@@ -37,6 +37,8 @@ def get_config() -> mlc.ConfigDict:
   c.sample.steps = 0
   c.sample.text_scale = -1.0  # < 0: the checkpoint's
   c.sample.neighbor_scale = -1.0
+  c.sample.guidance_mode = ""  # joint | interleaved (SuTI's: text or neighbor guidance per step, two rows)
+  c.sample.interleave_eta = -1.0  # probability of a text-guidance step in interleaved mode
 
   c.clip = mlc.ConfigDict()
   c.clip.model_name = "toy-ViT-32"

@@ -39,7 +39,9 @@ def sample_overrides(cfg) -> dict:
   s = cfg.sample
   return {"sampler": s.sampler or None, "steps": int(s.steps) or None,
           "text_scale": float(s.text_scale) if float(s.text_scale) >= 0 else None,
-          "neighbor_scale": float(s.neighbor_scale) if float(s.neighbor_scale) >= 0 else None}
+          "neighbor_scale": float(s.neighbor_scale) if float(s.neighbor_scale) >= 0 else None,
+          "guidance_mode": s.get("guidance_mode") or None,
+          "interleave_eta": float(s.interleave_eta) if float(s.get("interleave_eta", -1.0)) >= 0 else None}
 
 
 def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress: bool = True,
@@ -122,6 +124,7 @@ def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress
   settings = {"subjects": len(bench.subjects), "prompts": len(bench.subjects[0].prompts),
               "images_per_prompt": int(e.images_per_prompt), "demos": int(e.num_demos), "sampler": s.sampler,
               "steps": int(s.steps), "text_scale": float(s.text_scale), "neighbor_scale": float(s.neighbor_scale),
+              "guidance_mode": str(s.guidance_mode), "interleave_eta": float(s.interleave_eta),
               "identity_candidates": int(cfg.toy.identity_candidates)}
   os.makedirs(out_dir, exist_ok=True)
   html_path = report_lib.write_report(out_dir, title=f"SuTI evaluation: {os.path.basename(bench.root.rstrip('/'))}",

@@ -22,7 +22,8 @@ from suti.infer.demos import demo_batch
 from suti.infer.load_model import LoadedModel
 from suti.infer.sampling import make_sample_fn
 
-SAMPLE_KEYS = ("sampler", "steps", "text_scale", "neighbor_scale", "guidance_mode", "dynamic_threshold")
+SAMPLE_KEYS = ("sampler", "steps", "text_scale", "neighbor_scale", "guidance_mode", "interleave_eta",
+               "dynamic_threshold")
 
 
 def sample_settings(cfg_sample, overrides: Mapping | None):
