@@ -1,6 +1,6 @@
 """`suti demo`: the whole SuTI loop on the embedded toy world, on a laptop CPU, ending with a report.
 
-  suti demo [--out suti_demo]                 # ~6 min on 2 cores, with the shipped checkpoints
+  suti demo [--out suti_demo]                 # 6-8 min on 2 cores, with the shipped checkpoints
   suti demo --from-scratch [--out DIR]        # retrains the base and the apprentice first (~3 h on 2 cores)
 
 1. `suti data toyweb`: a small synthetic crawl (shop and gallery pages, duplicates, corrupt files) and a

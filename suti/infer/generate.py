@@ -2,7 +2,7 @@
 
   suti generate --checkpoint checkpoints/toy_suti --demo a.png --demo b.png --demo c.png \
       --prompt "a sks ball on the beach" --out out.png [--seed 0] [--steps 50] [--sampler ddim|dpm++|ddpm] \
-      [--text-scale 3] [--neighbor-scale 2] [--num-images 4] [--demo-caption "..." ...]
+      [--text-scale 2.25] [--neighbor-scale 2.25] [--num-images 4] [--demo-caption "..." ...]
 
 Writes out.png (with --num-images N > 1: out_0.png ... out_{N-1}.png) at the model's resolution, and
 out_sheet.png: the demos as the model sees them | the outputs, enlarged. Demos may be of any size and format;
