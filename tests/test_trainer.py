@@ -70,18 +70,29 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, t
   assert _losses(cut) == expected  # every step's loss, bit for bit: same data, same RNG, same weights
 
 
-def test_two_processes_read_disjoint_data_and_take_identical_steps(web, tmp_path):
+def _train_two_processes(web, workdir, extra):
+  """(return codes, stderr texts) of a 2-process CPU run talking through gloo."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  workdir = str(tmp_path / "mp")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  extra = [("train.steps", "3"), ("train.checkpoint_every", "100"), ("data.log_keys", "True")]
   procs = [subprocess.Popen([sys.executable, "-m", "suti.train.main"] + _cli_args(web, workdir, extra) +
                             ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                             env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
   errs = [p.communicate(timeout=500)[1] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], errs
+  return [p.returncode for p in procs], errs
+
+
+def test_two_processes_read_disjoint_data_and_take_identical_steps(web, tmp_path):
+  extra = [("train.steps", "3"), ("train.checkpoint_every", "100"), ("data.log_keys", "True")]
+  for attempt in range(2):
+    workdir = str(tmp_path / f"mp{attempt}")
+    codes, errs = _train_two_processes(web, workdir, extra)
+    # gloo's TCP pairing has a fixed connect timeout that a heavily loaded 2-core machine can miss; that is the
+    # transport, not the trainer, so it gets one more try (any other failure fails at once).
+    if codes == [0, 0] or not any("Gloo context initialization failed" in e for e in errs):
+      break
+  assert codes == [0, 0], errs
   assert "over 4 devices, 2 processes" in errs[0]
   finals = [e.strip().splitlines()[-1].split("]: ")[1].split(";")[0] for e in errs]
   assert finals[0] == finals[1] and finals[0].startswith("step 3/3, loss")  # the same global steps
