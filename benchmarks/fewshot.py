@@ -120,8 +120,8 @@ def main() -> None:
             "fewshot_vs_plain_ratio": round(med["suti"] / med["plain"], 3),
             "fewshot_vs_plain_ratio_separate_scales": round(med["suti_separate_scales"] / med["plain"], 3)}
   print(f"per subject ({args.prompts} images): SuTI {med['suti']:.2f} s (separate scales "
-        f"{med['suti_separate_scales']:.2f} s), DreamBooth {med['dreambooth']:.2f} s ({args.expert_steps} steps + sampling), "
-        f"toy expert {med['toy_expert']:.2f} s ({args.toy_expert_steps} steps), plain text-to-image "
+        f"{med['suti_separate_scales']:.2f} s), DreamBooth {med['dreambooth']:.2f} s ({args.expert_steps} steps + "
+        f"sampling), toy expert {med['toy_expert']:.2f} s ({args.toy_expert_steps} steps), plain text-to-image "
         f"{med['plain']:.2f} s")
   print(json.dumps(result))
 

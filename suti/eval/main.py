@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sample_overrides(cfg) -> dict:
+  """The eval config's sampler settings; empty, 0 or negative values keep the checkpoint's own (None)."""
   s = cfg.sample
-  return {"sampler": s.sampler or None, "steps": int(s.steps) or None,
-          "text_scale": float(s.text_scale) if float(s.text_scale) >= 0 else None,
-          "neighbor_scale": float(s.neighbor_scale) if float(s.neighbor_scale) >= 0 else None,
-          "guidance_mode": s.get("guidance_mode") or None,
-          "interleave_eta": float(s.interleave_eta) if float(s.get("interleave_eta", -1.0)) >= 0 else None}
+  scale = lambda v: float(v) if float(v) >= 0 else None
+  return {"sampler": s.sampler or None, "steps": int(s.steps) or None, "text_scale": scale(s.text_scale),
+          "neighbor_scale": scale(s.neighbor_scale), "guidance_mode": s.guidance_mode or None,
+          "interleave_eta": scale(s.interleave_eta)}
 
 
 def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress: bool = True,

@@ -22,10 +22,6 @@ from suti.infer.demos import demo_batch
 from suti.infer.load_model import LoadedModel
 from suti.infer.sampling import make_sample_fn
 
-SAMPLE_KEYS = ("sampler", "steps", "text_scale", "neighbor_scale", "guidance_mode", "interleave_eta",
-               "dynamic_threshold")
-
-
 def sample_settings(cfg_sample, overrides: Mapping | None):
   """The config's sample section with the given settings replaced (None values keep the config's)."""
   sample_cfg = copy.deepcopy(cfg_sample)

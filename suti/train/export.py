@@ -9,7 +9,8 @@ so `load_params`, `suti generate`, `suti eval` and `train.init_from` read it lik
   DIR/<step>/meta/     {"config": ..., "step": ..., "exported_from": ...}
 
   suti export --checkpoint /tmp/toy_base --out checkpoints/toy_base
-  suti export --checkpoint /tmp/toy_suti --out checkpoints/toy_suti --sample text_scale=2.25 --sample neighbor_scale=2.25
+  suti export --checkpoint /tmp/toy_suti --out checkpoints/toy_suti \
+      --sample text_scale=2.25 --sample neighbor_scale=2.25
 
 --sample KEY=VALUE sets a sampling default that generate and eval read from the checkpoint (config section
 `sample`: sampler, steps, text_scale, neighbor_scale, ...); nothing that decides what the weights mean can change.
