@@ -22,16 +22,19 @@ import time
 import numpy as np
 
 import data_pipeline  # noqa: F401  (torchvision shim)
-from data_pipeline import cluster_shards, sources, stages
-from data_pipeline.clip_filter import load_clip
-from data_pipeline.expert_stages import save_expert, stable_seed
+from data_pipeline import stages
+from suti.formats import cluster_shards
+from data_pipeline.expert_stages import save_expert
+from suti.core.hashing import stable_seed
 from data_pipeline.runner_local import run_local
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from suti.config import load_config
 from suti.experts.dreambooth import ExpertTrainer, expert_token, prepare_images, render_prompt
-from suti.experts.render import Renderer
+from suti.infer.sampler import Sampler
 from suti.experts.target_filter import FilterTally, TargetFilterConfig, clip_prompt, decide, score_candidates
-from suti.train.checkpoint import checkpoint_config, load_params
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.embed.clip import load_clip_from_config
+from suti.core.shards import list_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy_icl.py")
@@ -41,7 +44,7 @@ METHODS = {"full": 2e-4, "lora": 2e-3, "blockwise_lora": 2e-3}  # method -> lear
 def mine_clusters(web: str, out: str, count: int) -> list[cluster_shards.ClusterRecord]:
   """The toy pipeline up to the captions stage; the first `count` clusters (bucket order)."""
   config = load_config(CONFIG, [("stages", "('cluster_map', 'cluster_reduce', 'clip_filter', 'captions')")])
-  run_local(config, stages.RunLayout(tuple(sources.list_shards(web)), out), workers=0, progress=False)
+  run_local(config, stages.RunLayout(tuple(list_shards(web)), out), workers=0, progress=False)
   records = []
   for path in sorted(glob.glob(os.path.join(out, "clusters", "clusters-*.tar"))):
     records.extend(r for r in cluster_shards.read_cluster_shard(path) if r.prompts)
@@ -82,9 +85,9 @@ def main() -> None:
   weights, meta = load_params(args.base)
   base_cfg = checkpoint_config(meta, args.base)
   t = config.targets
-  renderer = Renderer(base_cfg, batch_size=int(t.render_batch_size),
+  renderer = Sampler.for_config(base_cfg, batch_size=int(t.render_batch_size),
                       sample_overrides={"steps": int(t.steps), "text_scale": float(t.text_scale)})
-  clip = load_clip(config)
+  clip = load_clip_from_config(config)
   filter_cfg = TargetFilterConfig.from_config(t.filter)
   token = config.captions.token
   print(f"{len(records)} clusters ({sum(len(r.images) for r in records)} images), {args.steps} steps per expert, "

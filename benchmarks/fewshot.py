@@ -47,28 +47,27 @@ def main() -> None:
   args = parser.parse_args()
 
   from configs.pipeline import toy_icl
-  from data_pipeline.clip_filter import resolve_checkpoint
-  from data_pipeline.toyweb import write_toyweb
+  from suti.core.paths import resolve_path
+  from suti.toy.web import write_toyweb
   from suti.eval.benchmark import read_benchmark
   from suti.experts.dreambooth import ExpertTrainer, expert_token, render_prompt
-  from suti.experts.render import Renderer
-  from suti.infer.fewshot import FewShotSampler
+  from suti.infer.sampler import Sampler
   from suti.infer.load_model import load_model
-  from suti.train.checkpoint import checkpoint_config, load_params
+  from suti.checkpoint.store import checkpoint_config, load_params
 
   web = tempfile.mkdtemp(prefix="bench_fewshot_")
   write_toyweb(web, 1, seed=3, benchmark_per_class=1)
   bench = read_benchmark(os.path.join(web, "benchmark"), max_subjects=args.subjects + 1, max_prompts=args.prompts)
   loaded = load_model(args.checkpoint, kind="apprentice")
-  suti = FewShotSampler(loaded, batch_size=args.prompts)
+  suti = Sampler.for_loaded(loaded, batch_size=args.prompts)
   s = suti.sample_cfg
-  separate = FewShotSampler(loaded, batch_size=args.prompts, sample_overrides={
+  separate = Sampler.for_loaded(loaded, batch_size=args.prompts, sample_overrides={
       "guidance_mode": "joint", "neighbor_scale": args.separate_neighbor_scale})
-  weights, meta = load_params(resolve_checkpoint(args.base))
+  weights, meta = load_params(resolve_path(args.base))
   base_cfg = checkpoint_config(meta)
   shared = {k: s[k] for k in ("sampler", "steps", "text_scale", "dynamic_threshold", "guidance_mode")}
-  renderer = Renderer(base_cfg, batch_size=args.prompts, sample_overrides=shared)
-  plain = FewShotSampler(load_model(args.base, kind="base"), batch_size=args.prompts, sample_overrides=shared)
+  renderer = Sampler.for_config(base_cfg, batch_size=args.prompts, sample_overrides=shared)
+  plain = Sampler.for_loaded(load_model(args.base, kind="base"), batch_size=args.prompts, sample_overrides=shared)
   experts_cfg = toy_icl.get_config().experts
   with experts_cfg.unlocked():
     experts_cfg.prior_weight = 0.0  # class images are shared by every subject of a class: not per-subject cost

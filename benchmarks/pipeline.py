@@ -20,10 +20,14 @@ import time
 import numpy as np
 
 import data_pipeline  # noqa: F401  (torchvision shim)
-from data_pipeline import clip_filter, cluster_shards, sources, stages
+from data_pipeline import clip_filter, stages
+from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from suti.config import load_config
+from suti.embed import clip as clip_lib
+from data_pipeline import registry as registry_lib
+from suti.core.shards import list_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy.py")
@@ -39,7 +43,7 @@ def _outputs(out: str) -> dict[str, bytes]:
 
 def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 5) -> dict:
   """Steady-state CLIP stage throughput (warm model) against raw encoding of the same images."""
-  registry = stages.default_registry()
+  registry = registry_lib.default_registry()
   planned = dict((s.name, (s, t)) for s, t in stages.plan(config, layout, registry))
   stage, tasks = planned["clip_filter"]
   scratch = tempfile.mkdtemp(prefix="clip_stage_")
@@ -49,7 +53,7 @@ def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 5) -> dic
   images = [img for p in sorted(glob.glob(os.path.join(tasks[0].input_path, "*.tar")))
             for r in cluster_shards.read_cluster_shard(p) for img in r.images]
   batch = np.stack(images)
-  clip_filter.embed_images(model, images[:config.clip.batch_size], config.clip.batch_size)  # warm-up
+  clip_lib.embed_images(model, images[:config.clip.batch_size], config.clip.batch_size)  # warm-up
   stage_s, raw_s = [], []
   for _ in range(repeats):  # interleaved, best of N: the machine is shared
     start = time.perf_counter()
@@ -57,8 +61,7 @@ def clip_stage_vs_raw(config, layout: stages.RunLayout, repeats: int = 5) -> dic
       stage.run(ctx, task)
     stage_s.append(time.perf_counter() - start)
     start = time.perf_counter()
-    from data_pipeline import toy_clip
-    toy_clip.encode_images(model, batch, config.clip.batch_size)
+    clip_lib.encode_images(model, batch, config.clip.batch_size)
     raw_s.append(time.perf_counter() - start)
   shutil.rmtree(scratch, ignore_errors=True)
   n = len(images)
@@ -84,7 +87,7 @@ def main() -> None:
     write_toyweb(web, args.pages, seed=0, image_size=args.image_size, shard_size=500)
   toyweb_s = time.perf_counter() - start
   config = load_config(CONFIG)
-  shards = tuple(sources.list_shards(web))
+  shards = tuple(list_shards(web))
 
   local_out = os.path.join(workdir, "local")
   shutil.rmtree(local_out, ignore_errors=True)

@@ -97,7 +97,7 @@ def ours_step_time(c: UNetConfig, batch: int, steps: int, context_len: int, neig
 
 
 def diffusers_step_time(c: UNetConfig, batch: int, steps: int, context_len: int) -> float:
-  import suti.torch_compat  # noqa: F401  (torchvision on CPU-only torch)
+  import suti.core.torch_compat  # noqa: F401  (torchvision on CPU-only torch)
   import torch
   from diffusers import UNet2DConditionModel
 

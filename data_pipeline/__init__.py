@@ -1,5 +1,5 @@
 """Web image-text pairs -> URL clusters -> CLIP filter -> captions/prompts -> expert targets -> ICL shards."""
-from suti import torch_compat as _torch_compat
+from suti.core import torch_compat as _torch_compat
 
-# Before anything imports torchvision (open_clip, transformers, diffusers): see suti/torch_compat.py.
+# Before anything imports torchvision (open_clip, transformers, diffusers): see suti/core/torch_compat.py.
 _torch_compat.install()

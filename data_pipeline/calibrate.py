@@ -15,6 +15,9 @@ import ml_collections as mlc
 import numpy as np
 
 from data_pipeline import urls
+from suti.embed import clip as clip_lib
+from suti.core.shards import list_shards
+from data_pipeline import sources
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 
@@ -49,10 +52,9 @@ class Calibration:
 
 def read_sample(input_spec: str, max_samples: int) -> tuple[list[np.ndarray], list[str]]:
   """Up to max_samples decoded images with their page keys, in shard order (bad samples skipped)."""
-  from data_pipeline import sources
   images, keys = [], []
   drops: collections.Counter = collections.Counter()
-  for path in sources.list_shards(input_spec):
+  for path in list_shards(input_spec):
     for sample in sources.iter_shard(path, drops):
       try:
         key = urls.cluster_key(sample.page_url, sample.url).key
@@ -89,12 +91,11 @@ def similarity_pairs(embeddings: np.ndarray, keys: list[str], random_pairs: int,
 
 
 def calibrate(config: mlc.ConfigDict, input_spec: str, max_samples: int | None = None) -> Calibration:
-  from data_pipeline import clip_filter
   images, keys = read_sample(input_spec, max_samples or config.calibrate.max_samples)
   if len(images) < 2:
     raise ValueError(f"calibrate needs at least 2 readable samples in {input_spec}, found {len(images)}")
-  model = clip_filter.load_clip(config)[0]
-  embeddings = clip_filter.embed_images(model, images, config.clip.batch_size)
+  model = clip_lib.load_clip_from_config(config)[0]
+  embeddings = clip_lib.embed_images(model, images, config.clip.batch_size)
   return similarity_pairs(embeddings, keys, config.calibrate.random_pairs, config.calibrate.seed)
 
 

@@ -19,8 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from data_pipeline.cluster_shards import ClusterRecord
+from suti.formats.cluster_shards import ClusterRecord
 from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide, failing_reasons
+from suti.embed import clip as clip_lib
+from suti.core.image_ops import resize_and_crop
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 TARGETS_DIR = os.path.join("work", "targets")
@@ -47,26 +49,24 @@ def reference_scores(clip_model, tokenizer: Callable, record: ClusterRecord, oth
   with render_size, the image on the left of those cosines is first resized to the renders' size, so the
   references say what a perfect render at the model's resolution would score;
   clip_t_real: each image's cosine to its own caption (images with an empty caption left out)."""
-  from data_pipeline import clip_filter, toy_clip
   if not record.images:
     raise ValueError(f"cluster {record.cluster_id} has no images")
-  emb = clip_filter.embed_images(clip_model, list(record.images), batch_size)
+  emb = clip_lib.embed_images(clip_model, list(record.images), batch_size)
   # The real image as a perfect render would show it: at the model's resolution (candidates are scored at theirs).
   low = emb
   if render_size:
-    from suti.train.image_ops import resize_and_crop
-    low = clip_filter.embed_images(clip_model, [resize_and_crop(i, render_size) for i in record.images], batch_size)
+    low = clip_lib.embed_images(clip_model, [resize_and_crop(i, render_size) for i in record.images], batch_size)
   n = len(emb)
   sim = low @ emb.T
   clip_i_real = (sim.sum(1) - np.diag(sim)) / (n - 1) if n > 1 else []
   clip_i_other: list[float] = []
   if other is not None and other.images:
-    other_emb = clip_filter.embed_images(clip_model, list(other.images), batch_size)
+    other_emb = clip_lib.embed_images(clip_model, list(other.images), batch_size)
     clip_i_other = (low @ other_emb.T).mean(1)
   captioned = [i for i, c in enumerate(record.captions) if c.strip()]
   clip_t_real: list[float] = []
   if captioned:
-    txt = toy_clip.encode_texts(clip_model, tokenizer, [record.captions[i] for i in captioned], batch_size)
+    txt = clip_lib.encode_texts(clip_model, tokenizer, [record.captions[i] for i in captioned], batch_size)
     clip_t_real = np.einsum("nd,nd->n", emb[captioned], txt)
   return {"clip_i_real": _round(clip_i_real), "clip_i_other": _round(clip_i_other),
           "clip_t_real": _round(clip_t_real)}

@@ -22,9 +22,11 @@ from typing import Protocol
 
 import numpy as np
 
-from data_pipeline import cluster_shards, prompt_templates
+from data_pipeline import prompt_templates
+from suti.formats import cluster_shards
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
+from PIL import Image
 
 _FILE_NAME = re.compile(r"^(img|dsc|dscn|dcim|image|photo|pic|p)?[\s_\-]*\d+(\.(jpe?g|png|gif|webp))?$", re.I)
 _WORD = re.compile(r"[a-z]{2,}", re.I)
@@ -138,7 +140,6 @@ class TransformersBackend:
   def captions(self, images: list[np.ndarray], alt_texts: list[str], noun: str) -> list[str]:
     if self.captioner is None:
       return self.fallback.captions(images, alt_texts, noun)
-    from PIL import Image
     pixels = self.image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt").pixel_values
     with self.torch.no_grad():
       ids = self.captioner.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, do_sample=False)

@@ -7,7 +7,7 @@
   suti data calibrate --config configs/pipeline/toy.py --input DIR [--max-samples N]
   suti data calibrate-targets --config configs/pipeline/toy_icl.py --output DIR [--config.key=value ...]
 
-User errors raise ValueError (one line, exit status 2 through suti.cli.run_user_command).
+User errors raise ValueError (one line, exit status 2 through suti.core.errors.run_user_command).
 """
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ import sys
 import time
 from typing import Sequence
 
+from data_pipeline import calibrate, calibrate_targets, runner_ray, stages
+from data_pipeline import registry as registry_lib
+from data_pipeline.preview import write_cluster_sheet, write_icl_sheet
+from data_pipeline.runner_local import run_local
+from data_pipeline.stats import format_summary
 from suti import config as config_lib
+from suti.core.errors import run_user_command
+from suti.core.shards import list_shards
+from suti.toy import clip_training as toy_clip
+from suti.toy import web as toyweb
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +41,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   toyweb_parser = sub.add_parser("toyweb", help="write a synthetic toy web crawl (webdataset shards)")
   clip_parser = sub.add_parser("train-clip", help="train the toy open_clip model")
   if command == "toyweb":
-    from data_pipeline import toyweb
     toyweb.add_arguments(toyweb_parser)
   elif command == "train-clip":
-    from data_pipeline import toy_clip
     toy_clip.add_arguments(clip_parser)
   run_parser = sub.add_parser("run", help="run (or resume) the pipeline stages; writes stats.json",
                               epilog="config overrides: --config.key=value (e.g. --config.clip.batch_size=64)")
@@ -55,27 +62,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _layout(args: argparse.Namespace) -> "stages.RunLayout":
-  from data_pipeline import sources, stages
-  shards = tuple(os.path.abspath(p) for p in sources.list_shards(args.input))
+  shards = tuple(os.path.abspath(p) for p in list_shards(args.input))
   return stages.RunLayout(shards, os.path.abspath(args.output))
 
 
 def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from data_pipeline import stages
   config = config_lib.load_config(args.config, overrides)
   layout = _layout(args)
   start = time.perf_counter()
-  if args.runner == "ray":
-    from data_pipeline.runner_ray import run_ray as runner
-  else:
-    from data_pipeline.runner_local import run_local as runner
-  stats = runner(config, layout, stages.default_registry(), workers=args.workers, progress=not args.no_progress)
-  from data_pipeline.stats import format_summary
+  runner = runner_ray.run_ray if args.runner == "ray" else run_local
+  stats = runner(config, layout, registry_lib.default_registry(), workers=args.workers, progress=not args.no_progress)
   print(format_summary(stats))
   counters = stats["counters"]
   read = stats["stages"].get("read", {"in": 0})
   last = list(stats["stages"].values())[-1]
-  from data_pipeline.preview import write_cluster_sheet, write_icl_sheet
   sheet = write_cluster_sheet(layout.output_dir)
   clusters = counters.get("clusters_out", 0)
   if "targets" in stats["stages"]:
@@ -94,7 +94,6 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from data_pipeline import calibrate
   config = config_lib.load_config(args.config, overrides)
   cal = calibrate.calibrate(config, args.input, args.max_samples)
   print(calibrate.report(cal, config))
@@ -102,7 +101,6 @@ def cmd_calibrate(args: argparse.Namespace, overrides: list[tuple[str, str]]) ->
 
 
 def cmd_calibrate_targets(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from data_pipeline import calibrate_targets
   config = config_lib.load_config(args.config, overrides)
   cal = calibrate_targets.calibrate_targets(args.output)
   print(calibrate_targets.report(cal, config))
@@ -116,10 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if overrides and args.command not in ("run", "calibrate", "calibrate-targets"):
     raise ValueError(f"--config.* overrides apply to run, calibrate and calibrate-targets, not {args.command!r}")
   if args.command == "toyweb":
-    from data_pipeline import toyweb
     return int(toyweb.run(args) or 0)
   if args.command == "train-clip":
-    from data_pipeline import toy_clip
     return int(toy_clip.run(args) or 0)
   if args.command == "run":
     return cmd_run(args, overrides)
@@ -129,5 +125,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
   sys.exit(run_user_command(main, sys.argv[1:], "suti data"))

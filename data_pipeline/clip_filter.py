@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_pipeline import cluster_shards
+from suti.formats import cluster_shards
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
+from suti.embed.clip import embed_images, load_clip_from_config
 
 
 @dataclass(frozen=True)
@@ -100,40 +101,9 @@ def filter_cluster(embeddings: np.ndarray, cfg: FilterConfig) -> FilterDecision:
   return decision
 
 
-def resolve_checkpoint(path: str) -> str:
-  """A relative checkpoint path is tried from the working folder, then from the repository root (where
-  the shipped checkpoints/ live), so commands work from anywhere."""
-  if not path or os.path.isabs(path) or os.path.exists(path):
-    return os.path.abspath(path) if path else path
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  candidate = os.path.join(repo_root, path)
-  return candidate if os.path.exists(candidate) else path
-
-
-def load_clip(config):
-  """(model, preprocess, tokenizer) of the configured open_clip model."""
-  from data_pipeline import toy_clip
-  return toy_clip.load_clip(config.clip.model_name, resolve_checkpoint(config.clip.checkpoint))
-
-
 def load_clip_resource(ctx: StageContext):
   """The configured open_clip model, loaded once per worker."""
-  return ctx.resource("clip_model", lambda: load_clip(ctx.config)[0])
-
-
-def embed_images(model, images: list[np.ndarray], batch_size: int) -> np.ndarray:
-  """L2-normalised embeddings of images of any sizes (same-size images are encoded together)."""
-  from data_pipeline import toy_clip
-  by_shape: dict[tuple, list[int]] = collections.defaultdict(list)
-  for i, img in enumerate(images):
-    by_shape[img.shape].append(i)
-  out = None
-  for indices in by_shape.values():
-    emb = toy_clip.encode_images(model, np.stack([images[i] for i in indices]), batch_size)
-    if out is None:
-      out = np.zeros((len(images), emb.shape[1]), np.float32)
-    out[indices] = emb
-  return out if out is not None else np.zeros((0, 0), np.float32)
+  return ctx.resource("clip_model", lambda: load_clip_from_config(ctx.config)[0])
 
 
 def filter_config(config) -> FilterConfig:

@@ -12,21 +12,24 @@ agree byte for byte.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline import cluster_shards, shard_io, urls
+from data_pipeline import urls
+from suti.core import tar_io
+from suti.formats import cluster_shards
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
+from suti.core.hashing import array_digest, stable_hex, stable_int
+from data_pipeline import sources
 
 
 def stable_hash(text: str) -> int:
   """A hash that is the same in every process (Python's hash() is salted per process)."""
-  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+  return stable_int(text, algorithm="sha1")
 
 
 def bucket_of(page_key: str, num_buckets: int) -> int:
@@ -34,15 +37,13 @@ def bucket_of(page_key: str, num_buckets: int) -> int:
 
 
 def cluster_id_of(page_key: str) -> str:
-  return hashlib.sha1(page_key.encode("utf-8")).hexdigest()[:16]
+  return stable_hex(page_key, 16)
 
 
 def content_hash(image: np.ndarray) -> str:
   """Exact-duplicate key: the decoded pixels (so a PNG and a JPEG re-save of the same pixels differ,
   but the same file served twice does not)."""
-  h = hashlib.sha1(repr(image.shape).encode())
-  h.update(np.ascontiguousarray(image).tobytes())
-  return h.hexdigest()
+  return array_digest(image)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class BucketedSample:
 
 def _read_bucket_file(path: str) -> list[BucketedSample]:
   samples, pending = [], {}
-  for name, data in shard_io.read_tar(path):
+  for name, data in tar_io.read_tar(path):
     key, ext = name.split(".", 1)
     pending[ext] = data
     if "rgb" in pending and "json" in pending:
@@ -88,7 +89,6 @@ def bucket_file_name(bucket: int) -> str:
 
 
 def run_map(ctx: StageContext, task: Task) -> TaskResult:
-  from data_pipeline import sources  # the toy-web engineer's safe readers
   num_buckets = ctx.config.cluster.num_buckets
   result = TaskResult()
   read, grouped = result.stage("read"), result.stage("cluster")
@@ -115,7 +115,7 @@ def run_map(ctx: StageContext, task: Task) -> TaskResult:
   read.in_, read.out, read.dropped = yielded + sum(drops.values()), yielded, drops
   out_dir = os.path.join(task.output_dir, task.task_id)
   for bucket in sorted(buckets):
-    shard_io.write_tar(os.path.join(out_dir, bucket_file_name(bucket)), buckets[bucket])
+    tar_io.write_tar(os.path.join(out_dir, bucket_file_name(bucket)), buckets[bucket])
   return result
 
 

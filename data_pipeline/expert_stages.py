@@ -17,7 +17,6 @@ targets (one task per bucket, accelerator): each expert renders its cluster's pr
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,21 +24,31 @@ import time
 
 import numpy as np
 
-from data_pipeline import cluster_shards, shard_io
+from suti.core import atomic_io
+from suti.formats import cluster_shards
 from data_pipeline.calibrate_targets import reference_scores, targets_dir
-from data_pipeline.clip_filter import load_clip, resolve_checkpoint
+from suti.core.paths import resolve_path
+from suti.embed.clip import load_clip_from_config
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
+from suti.core.hashing import file_sha256, stable_seed
+from data_pipeline.stats import filter_counts
+from suti.experts.dreambooth import prepare_images
+from safetensors.numpy import save
+from safetensors import safe_open
+from suti.experts.dreambooth import TrainedExpert
+from suti.experts.target_filter import clip_prompt, score_candidates
+from suti.experts.dreambooth import render_prompt
+from suti.formats import icl_shards
+from suti.experts.target_filter import CandidateScores, FilterTally, TargetFilterConfig, decide
+from suti.experts.dreambooth import ExpertTrainer
+from suti.infer.sampler import Sampler
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.experts.dreambooth import expert_token
 
 EXPERTS_DIR = "experts"
 WEIGHTS_FILE, EXPERT_JSON = "expert.safetensors", "expert.json"
 CLASS_IMAGES_DIR = os.path.join("work", "class_images")
-
-
-def stable_seed(*parts) -> int:
-  """A 31-bit seed from strings and numbers: the same on every host and run (never Python's salted hash)."""
-  digest = hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8")).digest()
-  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def expert_dir(output_dir: str, cluster_id: str) -> str:
@@ -59,10 +68,7 @@ class ExpertRuntime:
   """The base checkpoint, the expert trainer and the renderer of one worker (compiled once, reused per cluster)."""
 
   def __init__(self, config):
-    from suti.experts.dreambooth import ExpertTrainer
-    from suti.experts.render import Renderer
-    from suti.train.checkpoint import checkpoint_config, load_params
-    path = resolve_checkpoint(config.experts.base_checkpoint)
+    path = resolve_path(config.experts.base_checkpoint)
     if not path or not os.path.isdir(path):
       raise ValueError(f"experts.base_checkpoint {config.experts.base_checkpoint!r} is not a folder: train a base "
                        "model (suti train --config configs/toy.py --workdir DIR ...) and set "
@@ -71,7 +77,7 @@ class ExpertRuntime:
     self.base_cfg = checkpoint_config(meta, f"experts.base_checkpoint {path}")
     self.trainer = ExpertTrainer(self.base_cfg, weights, config.experts)
     t = config.targets
-    self.renderer = Renderer(self.base_cfg, batch_size=int(t.render_batch_size),
+    self.renderer = Sampler.for_config(self.base_cfg, batch_size=int(t.render_batch_size),
                              sample_overrides={"steps": int(t.steps), "text_scale": float(t.text_scale)})
 
 
@@ -81,7 +87,6 @@ def runtime(ctx: StageContext) -> ExpertRuntime:
 
 def class_images(ctx: StageContext, noun: str) -> np.ndarray | None:
   """The base model's renders of the class prompt (float32 [N, S, S, 3] in [-1, 1]), cached on disk per noun."""
-  from suti.experts.dreambooth import prepare_images
   e = ctx.config.experts
   n = int(e.num_class_images)
   if n == 0 or float(e.prior_weight) == 0:
@@ -98,7 +103,7 @@ def class_images(ctx: StageContext, noun: str) -> np.ndarray | None:
     images = rt.renderer.render(rt.trainer.base_weights, [prompt] * n, stable_seed("class", noun, e.seed))
     buf = io.BytesIO()
     np.savez(buf, images=images, noun=np.array(noun))
-    shard_io.atomic_write_bytes(path, buf.getvalue())
+    atomic_io.atomic_write_bytes(path, buf.getvalue())
     return images
 
   return ctx.resource(f"class_images:{noun}", lambda: prepare_images(list(render()), rt.trainer.image_size))
@@ -108,25 +113,22 @@ def class_images(ctx: StageContext, noun: str) -> np.ndarray | None:
 
 def save_expert(folder: str, expert, info: dict) -> int:
   """Writes expert.safetensors then expert.json (the json marks a complete expert); returns the weights' bytes."""
-  from safetensors.numpy import save
   # One metadata key: safetensors writes a metadata dict in hash-map order, and the bytes must be reproducible
   # (the render cache is keyed by the file's hash).
   data = save({k: np.ascontiguousarray(v) for k, v in expert.weights.items()},
               metadata={"expert": json.dumps({"method": expert.method, "lora_alpha": expert.lora_alpha},
                                              sort_keys=True)})
-  shard_io.atomic_write_bytes(os.path.join(folder, WEIGHTS_FILE), data)
-  shard_io.atomic_write_json(os.path.join(folder, EXPERT_JSON), {**info, "weights_bytes": len(data)})
+  atomic_io.atomic_write_bytes(os.path.join(folder, WEIGHTS_FILE), data)
+  atomic_io.atomic_write_json(os.path.join(folder, EXPERT_JSON), {**info, "weights_bytes": len(data)})
   return len(data)
 
 
 def load_expert(folder: str):
   """(TrainedExpert, info) of a stored expert; ValueError when it is missing or incomplete."""
-  from safetensors import safe_open
-  from suti.experts.dreambooth import TrainedExpert
   info_path, weights_path = os.path.join(folder, EXPERT_JSON), os.path.join(folder, WEIGHTS_FILE)
   if not (os.path.isfile(info_path) and os.path.isfile(weights_path)):
     raise ValueError(f"no complete expert in {folder}")
-  info = shard_io.read_json(info_path)
+  info = atomic_io.read_json(info_path)
   with safe_open(weights_path, framework="numpy") as f:
     meta = json.loads((f.metadata() or {}).get("expert", "{}"))
     weights = {k: f.get_tensor(k) for k in f.keys()}
@@ -144,9 +146,8 @@ def run_experts(ctx: StageContext, task: Task) -> TaskResult:
   folder = expert_dir(ctx.layout.output_dir, record.cluster_id)
   e = ctx.config.experts
   if os.path.isfile(os.path.join(folder, EXPERT_JSON)):
-    info = dict(shard_io.read_json(os.path.join(folder, EXPERT_JSON)))
+    info = dict(atomic_io.read_json(os.path.join(folder, EXPERT_JSON)))
   else:
-    from suti.experts.dreambooth import expert_token
     rt = runtime(ctx)
     noun = record.meta.get("class_noun") or "object"
     prompt_token = record.meta.get("subject_token", ctx.config.captions.token)
@@ -182,29 +183,26 @@ def experts_failed(task: Task, error: str) -> TaskResult:
 
 def _render_key(ctx: StageContext, record, weights_path: str) -> dict:
   """What the cached renders of a cluster depend on (not the filter thresholds)."""
-  with open(weights_path, "rb") as f:
-    weights_sha = hashlib.sha256(f.read()).hexdigest()
+  weights_sha = file_sha256(weights_path)
   t = ctx.config.targets
   return {"expert_sha256": weights_sha, "prompts": record.prompts, "seeds_per_prompt": int(t.seeds_per_prompt),
           "steps": int(t.steps), "text_scale": float(t.text_scale), "seed": int(t.seed)}
 
 
 def _clip(ctx: StageContext):
-  return ctx.resource("clip_with_tokenizer", lambda: load_clip(ctx.config))
+  return ctx.resource("clip_with_tokenizer", lambda: load_clip_from_config(ctx.config))
 
 
 def render_and_score(ctx: StageContext, record, other, folder: str) -> tuple[np.ndarray, dict]:
   """The cluster's candidate renders (uint8) and its cache record (candidates with scores, references); read from
   `<output>/work/targets/<cid>.json|.npz` when they were made with the same expert and render settings."""
-  from suti.experts.target_filter import clip_prompt, score_candidates
   base = os.path.join(targets_dir(ctx.layout.output_dir), record.cluster_id)
   key = _render_key(ctx, record, os.path.join(folder, WEIGHTS_FILE))
   if os.path.isfile(base + ".json") and os.path.isfile(base + ".npz"):
-    cached = shard_io.read_json(base + ".json")
+    cached = atomic_io.read_json(base + ".json")
     if cached.get("render_key") == key:
       with np.load(base + ".npz") as f:
         return f["images"], dict(cached)
-  from suti.experts.dreambooth import render_prompt
   rt = runtime(ctx)
   expert, info = load_expert(folder)
   t = ctx.config.targets
@@ -226,14 +224,12 @@ def render_and_score(ctx: StageContext, record, other, folder: str) -> tuple[np.
                                          render_size=int(images.shape[1]))}
   buf = io.BytesIO()
   np.savez(buf, images=images)
-  shard_io.atomic_write_bytes(base + ".npz", buf.getvalue())
-  shard_io.atomic_write_json(base + ".json", cache)
+  atomic_io.atomic_write_bytes(base + ".npz", buf.getvalue())
+  atomic_io.atomic_write_json(base + ".json", cache)
   return images, cache
 
 
 def run_targets(ctx: StageContext, task: Task) -> TaskResult:
-  from suti.experts import icl_shards
-  from suti.experts.target_filter import CandidateScores, FilterTally, TargetFilterConfig, decide
   result = TaskResult()
   out_dir = ctx.layout.output_dir
   paths = {False: icl_shards.icl_shard_path(out_dir, task.index), True: icl_shards.icl_shard_path(out_dir, task.index,
@@ -258,7 +254,7 @@ def run_targets(ctx: StageContext, task: Task) -> TaskResult:
       tally.add(decision)
       if decision is None:
         kept.append((image, candidate["prompt"], candidate["skill"], candidate["seed"], candidate["scores"]))
-    shard_io.atomic_write_json(os.path.join(targets_dir(out_dir), record.cluster_id + ".json"), cache)
+    atomic_io.atomic_write_json(os.path.join(targets_dir(out_dir), record.cluster_id + ".json"), cache)
     validation = icl_shards.is_validation(record.cluster_id, float(t.val_percent))
     result.counters["icl_val_clusters" if validation else "icl_train_clusters"] += int(bool(kept))
     examples[validation].extend(icl_shards.examples_for_cluster(record, kept, cache["expert_id"],
@@ -269,7 +265,7 @@ def run_targets(ctx: StageContext, task: Task) -> TaskResult:
     elif os.path.exists(path):
       os.remove(path)  # a re-filter that keeps nothing here must not leave the old shard behind
     result.counters["icl_val_examples" if validation else "icl_train_examples"] += len(examples[validation])
-  result.counts["targets"] = tally.stage_counts()
+  result.counts["targets"] = filter_counts(tally.kept, tally.dropped)
   return result
 
 

@@ -3,14 +3,15 @@ glance whether the clusters hold one subject each."""
 from __future__ import annotations
 
 import glob
-import io
 import os
 
 import numpy as np
 from PIL import Image
 
-from data_pipeline import cluster_shards
-from data_pipeline.shard_io import atomic_write_bytes
+from suti.formats import cluster_shards
+from suti.core.png import save_png
+from PIL import ImageDraw
+from suti.formats.icl_shards import read_icl_shard
 
 
 def _fit(image: np.ndarray, cell: int) -> np.ndarray:
@@ -47,17 +48,12 @@ def write_cluster_sheet(output_dir: str, **kwargs) -> str | None:
 def _write_png(sheet: np.ndarray | None, path: str) -> str | None:
   if sheet is None:
     return None
-  buf = io.BytesIO()
-  Image.fromarray(sheet).save(buf, format="PNG")
-  atomic_write_bytes(path, buf.getvalue())
-  return path
+  return save_png(path, sheet)
 
 
 def icl_sheet(icl_dir: str, max_examples: int = 16, neighbors: int = 3, cell: int = 48, gap: int = 4,
               text_width: int = 300) -> np.ndarray | None:
   """One row per ICL example: its first `neighbors` real images, a gap, the expert's target, then the prompt."""
-  from PIL import ImageDraw
-  from suti.experts.icl_shards import read_icl_shard
   examples = []
   for path in sorted(glob.glob(os.path.join(icl_dir, "icl-*.tar"))):
     examples.extend(read_icl_shard(path)[:max_examples - len(examples)])

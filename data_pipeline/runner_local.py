@@ -12,6 +12,7 @@ from typing import Iterator
 import ml_collections as mlc
 
 from data_pipeline import stages as stages_lib
+from data_pipeline import registry as registry_lib
 
 # The worker process's own context (set by the pool initializer); each process has its own copy.
 _WORKER_CONTEXT: stages_lib.StageContext | None = None
@@ -59,7 +60,7 @@ def run_local(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
               progress: bool = True, timings: dict | None = None) -> dict:
   """Runs (or resumes) the configured stages; returns the stats.json object. `timings`, when given, receives
   each stage's wall time in seconds (kept out of stats.json, which must not depend on the machine)."""
-  registry = registry or stages_lib.default_registry()
+  registry = registry or registry_lib.default_registry()
   workers = config.runner.workers if workers is None else workers
   executor = _LocalExecutor(config, layout, workers)
   try:

@@ -19,13 +19,13 @@ from typing import Iterator
 import ml_collections as mlc
 
 from data_pipeline import stages as stages_lib
+from data_pipeline import registry as registry_lib
 
 
 class StageWorker:
   """A Ray actor body: runs tasks of any stage against its own StageContext."""
 
   def __init__(self, config: mlc.ConfigDict, layout: stages_lib.RunLayout):
-    import data_pipeline  # noqa: F401  (installs the torchvision shim in the worker)
     self.ctx = stages_lib.StageContext(config, layout)
 
   def run(self, stage: stages_lib.Stage, task: stages_lib.Task, max_retries: int) -> tuple[str, str | None]:
@@ -51,7 +51,6 @@ def _process_context(config: mlc.ConfigDict, layout: stages_lib.RunLayout) -> st
 def _run_accelerator_task(config: mlc.ConfigDict, layout: stages_lib.RunLayout, stage: stages_lib.Stage,
                           task: stages_lib.Task) -> str:
   """A Ray remote task body: one attempt (Ray retries it); raises on failure."""
-  import data_pipeline  # noqa: F401  (installs the torchvision shim in the worker)
   stages_lib.execute_task(_process_context(config, layout), stage, task)
   return task.task_id
 
@@ -140,7 +139,7 @@ def run_ray(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
             progress: bool = True, timings: dict | None = None) -> dict:
   """Runs (or resumes) the configured stages on Ray; returns the stats.json object (`timings` as run_local)."""
   import ray
-  registry = registry or stages_lib.default_registry()
+  registry = registry or registry_lib.default_registry()
   workers = config.runner.workers if workers is None else workers
   workers = workers if workers and workers > 0 else 2
   stages_lib.plan_stages(config, layout, registry)  # a config that does not chain fails before Ray starts

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -27,13 +26,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipeline.safe_image import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from data_pipeline.shard_io import safe_member_name, write_tar
+from suti.core.safe_image import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from suti.core.tar_io import safe_member_name
+from suti.core.shards import ARROW_SUFFIXES, PARQUET_SUFFIXES, TAR_SUFFIXES, datasets_arrow_files, is_datasets_folder
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PARQUET_SUFFIXES = (".parquet",)
-ARROW_SUFFIXES = (".arrow",)
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg", "img")
 CAPTION_COLUMNS = ("caption", "text", "TEXT", "txt")
@@ -56,54 +53,8 @@ class RawSample:
 # ----------------------------------------------------------------------------------------------
 # Shard listing.
 
-def _is_datasets_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
-      os.path.join(path, "dataset_dict.json"))
-
-
-def _datasets_arrow_files(folder: str) -> list[str]:
-  """The arrow files of a `save_to_disk` folder (a Dataset, or every split of a DatasetDict)."""
-  if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-    with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
-      splits = json.load(f).get("splits", [])
-    return [p for s in splits for p in _datasets_arrow_files(os.path.join(folder, s))]
-  with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
-    state = json.load(f)
-  return [os.path.join(folder, d["filename"]) for d in state.get("_data_files", [])]
-
-
-def _is_shard_file(path: str) -> bool:
-  return os.path.isfile(path) and path.endswith(TAR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
-
-
-def list_shards(spec: str) -> list[str]:
-  """Shard paths for a folder, a glob, a single file, or a Hugging Face `save_to_disk` folder
-  (one shard per arrow file), sorted. Raises ValueError when nothing matches."""
-  if os.path.isdir(spec):
-    if _is_datasets_folder(spec):
-      found = _datasets_arrow_files(spec)
-    else:
-      found = [os.path.join(spec, n) for n in os.listdir(spec)]
-      found = [p for p in found if _is_shard_file(p)] + [
-          a for p in found if os.path.isdir(p) and _is_datasets_folder(p)
-          for a in _datasets_arrow_files(p)]
-  elif os.path.isfile(spec):
-    found = [spec] if _is_shard_file(spec) else []
-  else:
-    found = [p for p in glob.glob(spec) if _is_shard_file(p)]
-  if not found:
-    raise ValueError(f"no input shards match {spec!r} (expected .tar, .parquet files or a "
-                     "Hugging Face datasets folder)")
-  return sorted(found)
-
-
 # ----------------------------------------------------------------------------------------------
 # Tar members.
-
-# The pipeline's one rule for member names and its one tar writer live in shard_io; re-exported here for
-# the writers of raw shards (toyweb, tests).
-write_tar_atomic = write_tar
-
 
 def _split_member(name: str) -> tuple[str, str]:
   """webdataset's rule: key = folder + basename up to its first dot; the rest is the field."""
@@ -268,7 +219,7 @@ def _iter_rows(batches: Iterator[Any], path: str, drops: collections.Counter,
 
 
 def _iter_parquet(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
-  import pyarrow.parquet as pq
+  import pyarrow.parquet as pq  # lazy: only parquet inputs pay for pyarrow
   try:
     batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_BATCH)
     yield from _iter_rows(batches, path, drops, max_pixels)
@@ -278,7 +229,7 @@ def _iter_parquet(path: str, drops: collections.Counter, max_pixels: int) -> Ite
 
 
 def _iter_arrow(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
-  import datasets  # read through `datasets`, as load_from_disk does, one arrow file per shard
+  import datasets  # lazy (heavy, pulls pandas); read as load_from_disk does, one arrow file per shard
   try:
     ds = datasets.Dataset.from_file(path).with_format("arrow")
     batches = (t for t in ds.iter(batch_size=ROW_BATCH))
@@ -297,8 +248,8 @@ def iter_shard(path: str, drops: collections.Counter,
     yield from _iter_parquet(path, drops, max_pixels)
   elif path.endswith(ARROW_SUFFIXES):
     yield from _iter_arrow(path, drops, max_pixels)
-  elif os.path.isdir(path) and _is_datasets_folder(path):
-    for arrow in _datasets_arrow_files(path):
+  elif os.path.isdir(path) and is_datasets_folder(path):
+    for arrow in datasets_arrow_files(path):
       yield from _iter_arrow(arrow, drops, max_pixels)
   else:
     raise ValueError(f"not a shard: {path!r} (expected .tar, .parquet, .arrow or a datasets folder)")

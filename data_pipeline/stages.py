@@ -34,8 +34,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import ml_collections as mlc
 from tqdm import tqdm
 
-from data_pipeline import cluster_shards, shard_io
+from data_pipeline import done_markers
+from suti.core import atomic_io
+from suti.formats import cluster_shards
 from data_pipeline.stats import TaskResult, check_balanced, merge_results
+from suti.core.tree_paths import flatten_dict
 
 STATS_FILE = "stats.json"
 RUN_FILE = "run.json"
@@ -137,16 +140,6 @@ class StageRegistry:
     return self.stages[name]
 
 
-def default_registry() -> StageRegistry:
-  """The registry of the stages this package ships (imported lazily: torch only when needed)."""
-  from data_pipeline import captions, clip_filter, cluster, expert_stages
-  registry = StageRegistry()
-  for stage in (cluster.MAP_STAGE, cluster.REDUCE_STAGE, clip_filter.STAGE, captions.STAGE,
-                expert_stages.EXPERTS_STAGE, expert_stages.TARGETS_STAGE):
-    registry.register(stage)
-  return registry
-
-
 def runner_option(config: mlc.ConfigDict, key: str, default: Any) -> Any:
   """config.runner.<key>, or `default` for configs written before the key existed."""
   runner = config.get("runner")
@@ -230,7 +223,7 @@ def plan(config: mlc.ConfigDict, layout: RunLayout, registry: StageRegistry) -> 
 def execute_task(ctx: StageContext, stage: Stage, task: Task) -> TaskResult:
   """Runs one task and records its done-marker (outputs first, marker last)."""
   result = stage.run(ctx, task)
-  shard_io.DoneMarkers(ctx.layout.output_dir).mark(stage.name, task.task_id, result)
+  done_markers.DoneMarkers(ctx.layout.output_dir).mark(stage.name, task.task_id, result)
   return result
 
 
@@ -265,13 +258,13 @@ def record_failure(layout: RunLayout, stage: Stage, task: Task, error: str) -> T
     check_balanced(merge_results([result], ()))
   except ValueError as e:
     raise ValueError(f"stage {stage.name}: on_failure counts do not balance: {e}") from None
-  path = shard_io.DoneMarkers(layout.output_dir).path(stage.name, task.task_id)
-  shard_io.atomic_write_json(path, {**result.to_dict(), "failed": True, "error": error})
+  path = done_markers.DoneMarkers(layout.output_dir).path(stage.name, task.task_id)
+  atomic_io.atomic_write_json(path, {**result.to_dict(), "failed": True, "error": error})
   return result
 
 
 def pending_tasks(layout: RunLayout, stage: Stage, tasks: list[Task]) -> list[Task]:
-  markers = shard_io.DoneMarkers(layout.output_dir)
+  markers = done_markers.DoneMarkers(layout.output_dir)
   return [t for t in tasks if not markers.is_done(stage.name, t.task_id)]
 
 
@@ -279,12 +272,12 @@ def _failures(layout: RunLayout, stage: Stage, tasks: Iterable[Task]) -> list[tu
   """The tasks whose done-marker says they failed, with their errors."""
   if stage.on_failure is None:  # only such stages write failed markers
     return []
-  markers = shard_io.DoneMarkers(layout.output_dir)
+  markers = done_markers.DoneMarkers(layout.output_dir)
   failed = []
   for task in tasks:
     path = markers.path(stage.name, task.task_id)
     if os.path.isfile(path):
-      marker = shard_io.read_json(path)
+      marker = atomic_io.read_json(path)
       if marker.get("failed"):
         failed.append((task, str(marker.get("error", ""))))
   return failed
@@ -299,7 +292,7 @@ class _Rework:
 
   def forget(self, layout: RunLayout, stage: Stage, tasks: list[Task]) -> None:
     """Removes the done-markers of this stage's failed tasks and of its tasks in reworked buckets."""
-    markers = shard_io.DoneMarkers(layout.output_dir)
+    markers = done_markers.DoneMarkers(layout.output_dir)
     redo = [t for t, _ in _failures(layout, stage, tasks)]
     redo += [t for t in tasks if (self.everything or t.index in self.buckets) and markers.is_done(stage.name, t.task_id)]
     for task in redo:
@@ -321,20 +314,11 @@ def _fingerprint(config: mlc.ConfigDict, layout: RunLayout) -> dict:
   return json.loads(json.dumps({"config": cfg, "inputs": list(layout.input_shards)}, default=str))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-  return flat
-
-
 def _changed_keys(stored: dict, current: dict) -> list[str] | None:
   """Dotted config keys that differ between two fingerprints; None when the inputs differ."""
   if stored.get("inputs") != current["inputs"]:
     return None
-  old, new = _flatten(stored.get("config", {})), _flatten(current["config"])
+  old, new = flatten_dict(stored.get("config", {}), "."), flatten_dict(current["config"], ".")
   missing = object()
   return sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
 
@@ -385,18 +369,18 @@ def prepare_output(config: mlc.ConfigDict, layout: RunLayout, stages: Sequence[S
   run_path = os.path.join(layout.output_dir, RUN_FILE)
   fingerprint = _fingerprint(config, layout)
   if not os.path.exists(run_path):
-    shard_io.atomic_write_json(run_path, fingerprint)
+    atomic_io.atomic_write_json(run_path, fingerprint)
     return False
-  stored = shard_io.read_json(run_path)
+  stored = atomic_io.read_json(run_path)
   if stored != fingerprint:
     changed = _changed_keys(stored, fingerprint)
     redo = None if changed is None else _stages_to_recompute(changed, stages)
     if not redo:
       raise ValueError(f"{layout.output_dir} holds a run with another config or input; use a new --output")
     _forget_stages(layout, redo, stages)
-    shard_io.atomic_write_json(run_path, fingerprint)
+    atomic_io.atomic_write_json(run_path, fingerprint)
     print(f"config changed ({', '.join(changed)}): redoing stages {', '.join(s.name for s in redo)}")
-  shard_io.remove_stale_temporaries(layout.output_dir)
+  atomic_io.remove_stale_temporaries(layout.output_dir)
   return True
 
 
@@ -440,11 +424,11 @@ def run_stages(config: mlc.ConfigDict, layout: RunLayout, registry: StageRegistr
 def collect_stats(config: mlc.ConfigDict, layout: RunLayout, planned: list[PlannedStage]) -> dict:
   """Sums the done-markers of all tasks into the stats.json object and writes it. Failed tasks count through
   their on_failure counts and are listed under "failed" (per stage: tasks, first error)."""
-  markers = shard_io.DoneMarkers(layout.output_dir)
+  markers = done_markers.DoneMarkers(layout.output_dir)
   results, failed = [], {}
   for p in planned:
     for task in stage_tasks(p, config, layout):
-      marker = shard_io.read_json(markers.path(p.stage.name, task.task_id))
+      marker = atomic_io.read_json(markers.path(p.stage.name, task.task_id))
       results.append(TaskResult.from_dict(marker))
       if marker.get("failed"):
         entry = failed.setdefault(p.stage.name, {"tasks": 0, "first_error": str(marker.get("error", ""))})
@@ -453,5 +437,5 @@ def collect_stats(config: mlc.ConfigDict, layout: RunLayout, planned: list[Plann
   stats = merge_results(results, order)
   if failed:
     stats["failed"] = failed
-  shard_io.atomic_write_bytes(layout.stats_path, (json.dumps(stats, indent=2) + "\n").encode("utf-8"))
+  atomic_io.atomic_write_bytes(layout.stats_path, (json.dumps(stats, indent=2) + "\n").encode("utf-8"))
   return stats

@@ -85,3 +85,8 @@ def format_summary(stats: Mapping) -> str:
 
 def dumps(stats: Mapping) -> str:
   return json.dumps(stats, indent=2, sort_keys=False) + "\n"
+
+
+def filter_counts(kept: int, dropped: Mapping[str, int]) -> StageCounts:
+  """A filter's decisions as a stage's counts: in == out + sum(dropped) by construction."""
+  return StageCounts(in_=kept + sum(dropped.values()), out=kept, dropped=collections.Counter(dropped))

@@ -1,4 +1,4 @@
-"""The `suti` console script: one entry point, one subcommand per job (DESIGN.md, Commands).
+"""The `suti` console script: one entry point, one subcommand per job.
 
 User errors (a missing file, a bad config key, an image of the wrong shape) end with one line on stderr
 and exit status 2; set SUTI_DEBUG=1 to see the traceback instead.
@@ -6,9 +6,10 @@ and exit status 2; set SUTI_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from suti.core.errors import run_user_command
 
 # subcommand -> (module with main(argv), one-line help). Modules are imported only when their command runs,
 # so `suti info` does not pay for torch or Ray.
@@ -19,28 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("suti.eval.main", "DreamBench-style evaluation"),
     "demo": ("suti.demo", "the whole loop on the embedded toy world"),
     "info": ("suti.info", "resolved config and parameter counts"),
-    "export": ("suti.train.export", "a training run's EMA weights as a small checkpoint to ship"),
+    "export": ("suti.checkpoint.export", "a training run's EMA weights as a small checkpoint to ship"),
 }
 
 def _usage() -> str:
   lines = ["usage: suti <command> [args]", "", "commands:"]
   lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
   return "\n".join(lines)
-
-
-def run_user_command(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], prog: str) -> int:
-  """Runs a command's main; user errors become one line on stderr and exit status 2."""
-  try:
-    return int(fn(argv) or 0)
-  except KeyboardInterrupt:
-    print(f"{prog}: interrupted", file=sys.stderr)
-    return 130
-  except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-    if os.environ.get("SUTI_DEBUG"):
-      raise
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections as mlc
+from suti.core.tree_paths import flatten_dict
 
 OVERRIDE_PREFIX = "--config."
 
@@ -51,13 +52,7 @@ def _import_config_module(path: str):
 
 def flatten(cfg: mlc.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
   """ConfigDict -> [("model.image_size", 16), ...]: every leaf with its dotted key."""
-  items = []
-  for key, value in cfg.items():
-    if isinstance(value, mlc.ConfigDict):
-      items.extend(flatten(value, f"{prefix}{key}."))
-    else:
-      items.append((prefix + key, value))
-  return items
+  return [(prefix + key, value) for key, value in flatten_dict(cfg, ".", (mlc.ConfigDict,)).items()]
 
 
 def _parse_literal(text: str) -> Any:

@@ -24,6 +24,13 @@ import shutil
 import sys
 import time
 from typing import Sequence
+from data_pipeline import cli
+from suti.toy.web import write_toyweb
+from suti.config import load_config
+from suti.train.trainer import train
+from suti.eval.report import markdown_table
+from suti.core.paths import resolve_path
+from suti.eval.main import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -35,7 +42,6 @@ def log(message: str) -> None:
 
 def run_pipeline(web: str, out: str, base: str, overrides: Sequence[str], progress: bool) -> dict:
   """`suti data run --config configs/pipeline/toy_icl.py` in this process; returns stats.json."""
-  from data_pipeline import cli
   args = ["run", "--config", os.path.join(CONFIGS, "pipeline", "toy_icl.py"), "--input", web, "--output", out,
           f"--config.experts.base_checkpoint={base}", *overrides] + ([] if progress else ["--no-progress"])
   cli.main(args)
@@ -45,9 +51,6 @@ def run_pipeline(web: str, out: str, base: str, overrides: Sequence[str], progre
 
 def train_from_scratch(out: str, progress: bool) -> tuple[str, str]:
   """The shipped models' recipe (README): returns (base workdir, apprentice workdir)."""
-  from data_pipeline.toyweb import write_toyweb
-  from suti.config import load_config
-  from suti.train.trainer import train
   base_web, icl_web = os.path.join(out, "web_base"), os.path.join(out, "web_icl")
   base_dir, suti_dir, icl_out = (os.path.join(out, n) for n in ("toy_base", "toy_suti", "pipeline_full"))
   if not os.path.isdir(base_web):
@@ -74,7 +77,6 @@ def stats_table(stats: dict) -> list[tuple[str, int, int, str]]:
 
 def write_demo_report(out: str, stats: dict, metrics: dict, timings: dict[str, float]) -> str:
   """report.md and report.html in <out>: pipeline counts and previews, the evaluation table and grids."""
-  from suti.eval.report import markdown_table
   eval_dir = os.path.relpath(os.path.dirname(metrics["report"]), out)
   previews = [p for p in ("pipeline/clusters_preview.png", "pipeline/icl_preview.png")
               if os.path.isfile(os.path.join(out, p))]
@@ -128,10 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-  from data_pipeline.clip_filter import resolve_checkpoint
-  from data_pipeline.toyweb import write_toyweb
-  from suti.config import load_config
-  from suti.eval.main import evaluate
   progress = not args.no_progress
   out = os.path.abspath(args.out)
   if os.path.isdir(out) and not args.from_scratch:
@@ -141,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.makedirs(out, exist_ok=True)
   timings: dict[str, float] = {}
   start = time.perf_counter()
-  base, checkpoint = resolve_checkpoint(args.base), resolve_checkpoint(args.checkpoint)
+  base, checkpoint = resolve_path(args.base), resolve_path(args.checkpoint)
   if args.from_scratch:
     base, checkpoint = train_from_scratch(out, progress)
     timings["training from scratch"] = time.perf_counter() - start
@@ -172,7 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   metrics = evaluate(checkpoint, os.path.join(web, "benchmark"), os.path.join(out, "eval"), cfg, progress=progress,
                      log=log)
   timings["evaluation"] = time.perf_counter() - t
-  from suti.eval.report import markdown_table
   print(markdown_table(metrics["methods"]))
   path = write_demo_report(out, stats, metrics, timings)
   log(f"done in {time.perf_counter() - start:.0f} s; report:")
@@ -181,6 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti demo"))

@@ -13,6 +13,9 @@ import numpy as np
 from flax import nnx
 
 from suti.config import flatten, load_config, split_overrides
+from suti.models.text_encoder import build_text_encoder
+from suti.models.unet import count_params
+from suti.models.unet_config import UNetConfig
 
 
 def _count(tree) -> int:
@@ -21,7 +24,6 @@ def _count(tree) -> int:
 
 def text_encoder_params(cfg_text) -> int | None:
   """Parameters of the configured text encoder, or None when it is external and not given by path."""
-  from suti.models.text_encoder import build_text_encoder
 
   if cfg_text.kind != "embedded" and not cfg_text.checkpoint:
     return None
@@ -30,8 +32,6 @@ def text_encoder_params(cfg_text) -> int | None:
 
 
 def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str:
-  from suti.models.unet import count_params
-  from suti.models.unet_config import UNetConfig
 
   cfg = load_config(config_path, overrides)
   counts = count_params(UNetConfig.from_config(cfg.model))
@@ -61,6 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti info"))

@@ -77,7 +77,7 @@ def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, see
   from flax import nnx
 
   from suti.models.model import SuTIModel
-  from suti.train.export import save_weights
+  from suti.checkpoint.export import save_weights
   cfg = tiny_config(config_name)
   model = SuTIModel(cfg, rngs=nnx.Rngs(seed))
   weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from suti.train.checkpoint import Checkpointer, load_params
+from suti.checkpoint.store import Checkpointer, load_params
 
 
 class Counter(nnx.Variable):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import clip_filter
+from suti.core.paths import resolve_path
+from suti.embed import clip as clip_lib
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 CFG = clip_filter.FilterConfig(near_dup_threshold=0.98, outlier_threshold=0.5, cluster_threshold=0.6,
@@ -74,15 +76,14 @@ def test_every_image_is_kept_or_counted(seed):
 
 
 def _toy_clip_or_skip():
-  checkpoint = clip_filter.resolve_checkpoint("checkpoints/toy_clip/open_clip_model.safetensors")
+  checkpoint = resolve_path("checkpoints/toy_clip/open_clip_model.safetensors")
   if not os.path.exists(checkpoint):
     pytest.skip("toy CLIP checkpoint not shipped yet")
-  from data_pipeline import toy_clip
-  return toy_clip.load_clip("toy-ViT-32", checkpoint)[0]
+  return clip_lib.load_clip("toy-ViT-32", checkpoint)[0]
 
 
 def test_toy_clip_separates_one_subject_from_a_gallery(capsys):
-  from data_pipeline import toy_world as tw
+  from suti.toy import world as tw
   from suti.config import load_config
   model = _toy_clip_or_skip()
   cfg = clip_filter.filter_config(load_config(CONFIG))
@@ -94,7 +95,7 @@ def test_toy_clip_separates_one_subject_from_a_gallery(capsys):
     shop = [tw.render(subject, tw.sample_context(rng), 32) for _ in range(5)]
     gallery = [tw.render(subjects[int(i)], tw.sample_context(rng), 32)
                for i in rng.choice(len(subjects), 5, replace=False)]
-    emb = clip_filter.embed_images(model, shop + gallery, batch_size=16)
+    emb = clip_lib.embed_images(model, shop + gallery, batch_size=16)
     shop_kept += clip_filter.filter_cluster(emb[:5], cfg).cluster_kept
     gallery_kept += clip_filter.filter_cluster(emb[5:], cfg).cluster_kept
   print(f"shops kept {shop_kept}/12, galleries kept {gallery_kept}/12")

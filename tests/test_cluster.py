@@ -9,12 +9,14 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_pipeline import cluster, cluster_shards, stages, sources
+from data_pipeline import cluster, stages
+from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
 from data_pipeline.stats import TaskResult
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from suti.config import load_config
 from shared_fixtures import read_truth
+from suti.core.shards import list_shards
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 
@@ -59,7 +61,7 @@ def toyweb(tmp_path_factory):
 def _run_clustering(web: str, out: str, num_buckets: int) -> list[cluster_shards.ClusterRecord]:
   config = load_config(CONFIG, [("stages", "('cluster_map', 'cluster_reduce')"),
                                 ("cluster.num_buckets", str(num_buckets))])
-  layout = stages.RunLayout(tuple(sources.list_shards(web)), out)
+  layout = stages.RunLayout(tuple(list_shards(web)), out)
   stats = run_local(config, layout, progress=False)
   records = [r for p in sorted(glob.glob(os.path.join(out, "work", "cluster_reduce", "*.tar")))
              for r in cluster_shards.read_cluster_shard(p)]

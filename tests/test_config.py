@@ -4,6 +4,7 @@ import os
 import pytest
 
 from suti.config import ConfigError, load_config, split_overrides
+from data_pipeline import registry as registry_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs", "toy.py")
@@ -73,6 +74,6 @@ def test_a_free_form_group_takes_a_dict_and_a_structured_group_refuses_one():
 def test_the_full_scale_pipeline_config_chains_raw_to_icl():
   from data_pipeline import stages
   cfg = load_config(os.path.join(ROOT, "configs", "pipeline", "web_icl.py"))
-  planned = stages.plan_stages(cfg, stages.RunLayout(("x.tar",), "/tmp/unused"), stages.default_registry())
+  planned = stages.plan_stages(cfg, stages.RunLayout(("x.tar",), "/tmp/unused"), registry_lib.default_registry())
   assert [p.stage.name for p in planned][-2:] == ["experts", "targets"]
   assert (cfg.experts.steps, cfg.experts.lr, cfg.experts.optimizer) == (500, 1e-5, "adafactor")  # SuTI's experts

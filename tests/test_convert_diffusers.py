@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import suti.torch_compat  # noqa: F401  (before diffusers: see suti/torch_compat.py)
+import suti.core.torch_compat  # noqa: F401  (before diffusers: see suti/core/torch_compat.py)
 from suti.models.convert_diffusers import convert_diffusers_unet, load_diffusers_unet, unet_config_from_diffusers
 from suti.models.unet import UNet
 

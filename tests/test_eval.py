@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import toy_world as tw
+from suti.toy import world as tw
 from shared_fixtures import write_tiny_checkpoint
 from suti import cli
-from suti.eval import metrics, toy_truth
+from suti.eval import metrics
+from suti.toy import truth as toy_truth
 from suti.eval.benchmark import read_benchmark
 from suti.eval.dreambench import convert_dreambench, parse_prompts_and_classes
 
@@ -105,7 +106,7 @@ def test_eval_sampler_settings_default_to_the_checkpoints_and_override_each_key(
   from configs import toy_suti
   from configs.eval import toy as eval_toy
   from suti.eval.main import sample_overrides
-  from suti.infer.fewshot import sample_settings
+  from suti.diffusion.sample_settings import sample_settings
   cfg = eval_toy.get_config()
   own = toy_suti.get_config().sample
   assert sample_settings(own, sample_overrides(cfg)).to_dict() == own.to_dict()
@@ -171,7 +172,7 @@ def test_dino_embedder_loads_a_local_timm_checkpoint(tmp_path):
   import torch
   from safetensors.torch import save_file
 
-  from suti.eval.embedders import DinoEmbedder
+  from suti.embed.dino import DinoEmbedder
   model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
   state = {k: v.contiguous() for k, v in model.state_dict().items()}
   save_file(state, str(tmp_path / "dino.safetensors"))
@@ -194,7 +195,7 @@ def test_dino_embedder_loads_a_local_timm_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-  from data_pipeline.toyweb import write_toyweb
+  from suti.toy.web import write_toyweb
   root = tmp_path_factory.mktemp("eval")
   write_toyweb(str(root / "web"), 2, seed=0, benchmark_per_class=1)
   app = write_tiny_checkpoint(str(root / "app"), live_neighbors=True)
@@ -229,7 +230,7 @@ def test_eval_writes_every_image_and_metric(evaluated):
   # the copies are the demos at the model's resolution, cycled
   first = np.asarray(Image.open(out / "images" / "copy" / subjects[0] / "00_0.png"))
   demo = np.asarray(Image.open(os.path.join(m["benchmark"], subjects[0], "00.png")))
-  from suti.train.image_ops import resize_and_crop
+  from suti.core.image_ops import resize_and_crop
   np.testing.assert_array_equal(first, resize_and_crop(demo, 8))
 
 
@@ -242,7 +243,7 @@ def test_eval_report_has_the_table_and_grids(evaluated):
   assert sum(line.startswith("| suti |") for line in md.splitlines()) == 1 and "identity acc." in md
   for s in m["per_subject"]:
     grid = np.asarray(Image.open(out / "grids" / f"{s}.png"))
-    from suti.infer.sheet import contact_sheet
+    from suti.viz.contact_sheet import contact_sheet
     tile = [np.zeros((8, 8, 3), np.uint8)]
     n_demos = min(3, len(os.listdir(os.path.join(m["benchmark"], s))))
     expected = contact_sheet([[tile * n_demos] + [tile] * 5] * 2, captions=["p"] * 2, scale=8)

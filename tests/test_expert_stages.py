@@ -12,14 +12,16 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline import cluster_shards, sources, stages
+from data_pipeline import stages
+from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from shared_fixtures import tiny_config
 from suti.config import load_config
-from suti.experts import icl_shards
+from suti.formats import icl_shards
 from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide
 from suti.train.trainer import train
+from suti.core.shards import list_shards
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy_icl.py")
 # The trainer's tiny run of test_trainer (the same compiled programs), two steps: the tests are about the pipeline.
@@ -58,7 +60,7 @@ def make_config(base: str, overrides=()):
 
 
 def run(web: str, out: str, config) -> dict:
-  return run_local(config, stages.RunLayout(tuple(sources.list_shards(web)), out), workers=0, progress=False)
+  return run_local(config, stages.RunLayout(tuple(list_shards(web)), out), workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")

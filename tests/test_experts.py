@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import toy_world as tw
-from data_pipeline.clip_filter import embed_images, load_clip
+from suti.toy import world as tw
+from suti.embed.clip import embed_images, load_clip_from_config
 from suti.config import load_config
 from suti.experts.dreambooth import ExpertTrainer, TrainedExpert
-from suti.experts.render import Renderer
+from suti.infer.sampler import Sampler
 from suti.models.model import SuTIModel
 from shared_fixtures import CONFIGS, tiny_config
 
@@ -145,8 +145,8 @@ def test_same_seed_same_expert_other_seed_differs(blockwise_trainer, blockwise_e
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  from suti.models.load_weights import flatten_weights
-  return {k: np.asarray(v) for k, v in flatten_weights(nnx.to_pure_dict(params)).items()}
+  from suti.core.tree_paths import flatten_dict
+  return {k: np.asarray(v) for k, v in flatten_dict(nnx.to_pure_dict(params)).items()}
 
 
 # --- prior preservation ------------------------------------------------------------------------------------
@@ -247,12 +247,12 @@ def test_expert_needs_images(full_trainer):
 # --- the point of an expert: its samples look like its cluster ---------------------------------------------
 @pytest.fixture(scope="module")
 def toy_clip():
-  return load_clip(load_config(os.path.join(CONFIGS, "pipeline", "toy.py")))[0]
+  return load_clip_from_config(load_config(os.path.join(CONFIGS, "pipeline", "toy.py")))[0]
 
 
 @pytest.fixture(scope="module")
 def renderer(base):
-  return Renderer(base[0], batch_size=8, sample_overrides={"steps": 15})
+  return Sampler.for_config(base[0], batch_size=8, sample_overrides={"steps": 15})
 
 
 def clip_i(clip, images, reference) -> float:

@@ -2,13 +2,12 @@
 import os
 
 import numpy as np
-import pytest
 
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from shared_fixtures import tiny_config
 from suti import cli
-from suti.models.load_weights import flatten_weights
-from suti.train.checkpoint import load_params
+from suti.core.tree_paths import flatten_dict
+from suti.checkpoint.store import load_params
 from suti.train.trainer import train
 
 
@@ -29,19 +28,19 @@ def test_export_keeps_the_ema_weights_exactly_and_drops_the_rest(tmp_path, capsy
   assert os.listdir(out) == ["3"]
   exported, meta = load_params(out)
   original, run_meta = load_params(run)  # EMA merged with the frozen part, as training saved it
-  a, b = flatten_weights(exported), flatten_weights(original)
+  a, b = flatten_dict(exported), flatten_dict(original)
   assert sorted(a) == sorted(b)
   for name in a:
     np.testing.assert_array_equal(a[name], b[name])
   trained, _ = load_params(run, prefer_ema=False)
-  assert any(not np.array_equal(v, flatten_weights(trained)[k]) for k, v in a.items())  # EMA, not the params
+  assert any(not np.array_equal(v, flatten_dict(trained)[k]) for k, v in a.items())  # EMA, not the params
   assert meta["config"] == run_meta["config"] and meta["step"] == 3 and "input_positions" not in meta
   assert _size(out) * 2 < _size(os.path.join(run, "checkpoints", "3"))  # no optimizer state, one copy of weights
   assert cli.main(["export", "--checkpoint", run, "--out", out]) == 2
   assert "already holds a checkpoint" in capsys.readouterr().err
   assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--no-ema"]) == 0
-  c = flatten_weights(load_params(out)[0])
-  assert all(np.array_equal(c[k], v) for k, v in flatten_weights(trained).items())
+  c = flatten_dict(load_params(out)[0])
+  assert all(np.array_equal(c[k], v) for k, v in flatten_dict(trained).items())
   # Sampling defaults travel with the weights; keys outside `sample`, and values of the wrong type, are refused.
   assert cli.main(["export", "--checkpoint", run, "--out", out, "--overwrite", "--sample", "neighbor_scale=3.5",
                    "--sample", "steps=7"]) == 0

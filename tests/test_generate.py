@@ -11,7 +11,7 @@ from PIL import Image
 from shared_fixtures import write_tiny_checkpoint
 from suti import cli
 from suti.infer import demos as demos_lib
-from suti.infer.sheet import contact_sheet
+from suti.viz.contact_sheet import contact_sheet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,17 +73,19 @@ def test_the_demos_change_the_output(checkpoints, demo_files, tmp_path):
 
 
 def test_fewshot_sampler_matches_sampling_generate(checkpoints):
-  """FewShotSampler (chunked, padded rows) gives what suti.infer.sampling.generate gives for the same inputs."""
+  """Sampler (chunked, padded rows) gives what suti.infer.sampling.generate gives for the same inputs."""
   import jax
   from suti.diffusion.schedules import make_schedule
-  from suti.infer.fewshot import FewShotSampler, sample_settings, to_uint8
+  from suti.core.image_ops import to_uint8
+  from suti.diffusion.sample_settings import sample_settings
+  from suti.infer.sampler import Sampler
   from suti.infer.load_model import load_model
   from suti.infer.sampling import generate
   loaded = load_model(checkpoints["apprentice"], kind="apprentice")
   rng = np.random.default_rng(1)
   demos = [rng.integers(0, 255, (16, 16, 3), np.uint8) for _ in range(2)]
   prompts = ["a sks ball", "a sks box in the snow"]
-  sampler = FewShotSampler(loaded, batch_size=3, sample_overrides={"steps": 4})
+  sampler = Sampler.for_loaded(loaded, batch_size=3, sample_overrides={"steps": 4})
   got = sampler.sample(prompts, 5, demos=[demos] * 2, demo_captions=[["a photo of a ball"] * 2] * 2)
   batch = demos_lib.demo_batch([demos] * 3, [["a photo of a ball"] * 2] * 3, image_size=8, max_neighbors=3,
                                tokenize=loaded.model.tokenize)

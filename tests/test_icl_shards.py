@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import toy_world as tw
-from data_pipeline.cluster_shards import ClusterRecord
-from data_pipeline.shard_io import read_tar, write_tar
-from suti.experts.icl_shards import (ICLExample, examples_for_cluster, icl_shard_name, icl_shard_path, is_validation,
+from suti.toy import world as tw
+from suti.formats.cluster_shards import ClusterRecord
+from suti.core.tar_io import read_tar, write_tar
+from suti.formats.icl_shards import (ICLExample, examples_for_cluster, icl_shard_name, icl_shard_path, is_validation,
                                      read_icl_shard, write_icl_shard)
-from suti.train.image_ops import resize_and_crop, to_model_range
+from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.train.input_pipeline import TrainInput, resolve_shards
 from shared_fixtures import byte_tokenizer, detokenize
 
@@ -125,7 +125,7 @@ def test_validation_split_is_stable_and_by_cluster():
   assert not any(is_validation(cid, 0) for cid in ids[:200]) and all(is_validation(cid, 100) for cid in ids[:200])
   assert set(val) > {cid for cid in ids if is_validation(cid, 5)}  # a smaller split is a subset of a larger one
   # The same answer in a fresh interpreter with another hash seed: sha256, not Python's hash().
-  code = ("from suti.experts.icl_shards import is_validation; "
+  code = ("from suti.formats.icl_shards import is_validation; "
           "print(''.join('1' if is_validation(f'cluster{i:05d}', 10) else '0' for i in range(300)))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.safe_image import ImageRejected, decode_image
-from data_pipeline.shard_io import write_tar
-from data_pipeline.toyweb import write_toyweb
-from suti.train.image_ops import resize_and_crop, to_model_range
+from suti.core.safe_image import ImageRejected, decode_image
+from suti.core.tar_io import write_tar
+from suti.toy.web import write_toyweb
+from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.train.input_pipeline import InputPosition, TrainInput, resolve_shards
 from shared_fixtures import byte_tokenizer, detokenize
 

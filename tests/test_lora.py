@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from suti.models import lora as lora_lib
-from suti.models.load_weights import flatten_weights, load_weights
+from suti.models.load_weights import load_weights
+from suti.core.tree_paths import flatten_dict
 from suti.models.lora import LoRAConv, LoRALinear, LoRASpec, add_lora, lora_weights, merge_lora, spec_from_config
 from suti.models.unet import UNet
 from shared_fixtures import tiny_unet_config
@@ -23,7 +24,7 @@ def make_unet() -> UNet:
 def base_weights(unet: UNet) -> dict[str, np.ndarray]:
   """Flat kernels / biases / norms without LoRA arrays (LoRAParam is a Param subtype)."""
   state = nnx.state(unet, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
-  return {k: np.asarray(v) for k, v in flatten_weights(nnx.to_pure_dict(state)).items()}
+  return {k: np.asarray(v) for k, v in flatten_dict(nnx.to_pure_dict(state)).items()}
 
 
 def inputs(batch: int = 2):

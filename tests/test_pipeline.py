@@ -10,12 +10,15 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_pipeline import cli, cluster_shards, prompt_templates, sources, stages
-from data_pipeline.clip_filter import resolve_checkpoint
+from data_pipeline import cli, prompt_templates, stages
+from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from suti.config import load_config
 from shared_fixtures import read_truth
+from suti.core.tar_io import write_tar
+from suti.core.shards import list_shards
+from suti.core.png import encode_png
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 NO_CLIP = [("stages", "('cluster_map', 'cluster_reduce', 'captions')")]
@@ -28,7 +31,7 @@ def read_clusters(out: str) -> list[cluster_shards.ClusterRecord]:
 
 def run(web: str, out: str, overrides=(), **kwargs) -> dict:
   config = load_config(CONFIG, list(overrides))
-  return run_local(config, stages.RunLayout(tuple(sources.list_shards(web)), out), progress=False, **kwargs)
+  return run_local(config, stages.RunLayout(tuple(list_shards(web)), out), progress=False, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +130,7 @@ def test_pipeline_never_reads_the_toy_ground_truth(full_run, toyweb, tmp_path):
           meta.pop("toy")
           data = json.dumps(meta).encode()
         members.append((m.name, data))
-    sources.write_tar_atomic(str(stripped / os.path.basename(path)), members)
+    write_tar(str(stripped / os.path.basename(path)), members)
   run(str(stripped), str(tmp_path / "out"))
   for a in sorted(glob.glob(os.path.join(out, "clusters", "*.tar"))):
     with open(a, "rb") as fa, open(tmp_path / "out" / "clusters" / os.path.basename(a), "rb") as fb:
@@ -151,7 +154,7 @@ def _tar_with(path, entries):
 
 
 def _png(value):
-  return cluster_shards.encode_png(np.full((8, 8, 3), value, np.uint8))
+  return encode_png(np.full((8, 8, 3), value, np.uint8))
 
 
 def test_hostile_inputs_are_counted_never_fatal(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from suti.train.preview import (PADDED_DEMO_GRAY, SEPARATOR_COLOR, sample_grid, sample_grid_path,
+from suti.viz.sample_grid import (PADDED_DEMO_GRAY, SEPARATOR_COLOR, sample_grid, sample_grid_path,
                                 save_sample_grid, to_uint8)
 
 WHITE = (255, 255, 255)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy.py")
@@ -21,9 +21,9 @@ def _command(web: str, out: str, stages: str) -> list[str]:
 
 
 def _stages() -> str:
-  from data_pipeline.clip_filter import resolve_checkpoint
+  from suti.core.paths import resolve_path
   from suti.config import load_config
-  if os.path.exists(resolve_checkpoint(load_config(CONFIG).clip.checkpoint)):
+  if os.path.exists(resolve_path(load_config(CONFIG).clip.checkpoint)):
     return "('cluster_map','cluster_reduce','clip_filter','captions')"
   return "('cluster_map','cluster_reduce','captions')"
 

@@ -6,11 +6,12 @@ import os
 
 import pytest
 
-from data_pipeline import sources, stages
+from data_pipeline import stages
 from data_pipeline.runner_local import run_local
 from data_pipeline.runner_ray import run_ray
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from suti.config import load_config
+from suti.core.shards import list_shards
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 
@@ -40,8 +41,8 @@ def _outputs(out: str) -> dict[str, bytes]:
 
 def _config():
   config = load_config(CONFIG, [("cluster.num_buckets", "4")])
-  from data_pipeline.clip_filter import resolve_checkpoint
-  if not os.path.exists(resolve_checkpoint(config.clip.checkpoint)):
+  from suti.core.paths import resolve_path
+  if not os.path.exists(resolve_path(config.clip.checkpoint)):
     config = load_config(CONFIG, [("cluster.num_buckets", "4"),
                                   ("stages", "('cluster_map', 'cluster_reduce', 'captions')")])
   return config
@@ -49,7 +50,7 @@ def _config():
 
 def test_local_workers_and_ray_give_identical_clusters(web, tmp_path, ray_session):
   config = _config()
-  layout = lambda name: stages.RunLayout(tuple(sources.list_shards(web)), str(tmp_path / name))
+  layout = lambda name: stages.RunLayout(tuple(list_shards(web)), str(tmp_path / name))
   local_stats = run_local(config, layout("local"), workers=0, progress=False)
   ray_stats = run_ray(config, layout("ray"), workers=2, progress=False)
   pool_stats = run_local(config, layout("pool"), workers=2, progress=False)
@@ -62,7 +63,7 @@ def test_local_workers_and_ray_give_identical_clusters(web, tmp_path, ray_sessio
 def test_ray_resumes_a_local_run(web, tmp_path, ray_session):
   """Runs are resumable across runners: tasks done locally are not redone by Ray."""
   config = _config()
-  layout = stages.RunLayout(tuple(sources.list_shards(web)), str(tmp_path / "out"))
+  layout = stages.RunLayout(tuple(list_shards(web)), str(tmp_path / "out"))
   run_local(config, layout, progress=False)
   first = _outputs(layout.output_dir)
   markers = sorted(glob.glob(os.path.join(layout.output_dir, "_done", "*", "*.json")))

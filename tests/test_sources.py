@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from data_pipeline import sources
-from data_pipeline.safe_image import ImageRejected, decode_image
-from data_pipeline.sources import (iter_shard, list_shards, read_shard, safe_member_name,
-                                   write_tar_atomic)
+from suti.core.safe_image import ImageRejected, decode_image
+from data_pipeline.sources import iter_shard, read_shard
+from suti.core.shards import list_shards
+from suti.core.tar_io import safe_member_name, write_tar
 
 
 def _png(arr, mode=None):
@@ -57,17 +58,17 @@ def test_safe_member_name(name, ok):
   assert safe_member_name(name) is ok
 
 
-def test_write_tar_atomic_is_deterministic_and_refuses_unsafe_names(tmp_path):
+def test_write_tar_is_deterministic_and_refuses_unsafe_names(tmp_path):
   members = _sample("00000") + _sample("00001")
   a, b = str(tmp_path / "a.tar"), str(tmp_path / "b.tar")
-  write_tar_atomic(a, members)
-  write_tar_atomic(b, members)
+  write_tar(a, members)
+  write_tar(b, members)
   assert open(a, "rb").read() == open(b, "rb").read()
   assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]  # no temporary left behind
   with tarfile.open(a) as tar:
     assert [m.name for m in tar.getmembers()] == [n for n, _ in members]
   with pytest.raises(ValueError, match="unsafe"):
-    write_tar_atomic(str(tmp_path / "c.tar"), [("../escape.png", b"x")])
+    write_tar(str(tmp_path / "c.tar"), [("../escape.png", b"x")])
   assert not os.path.exists(tmp_path / "c.tar")
   assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]
 
@@ -77,7 +78,7 @@ def test_write_tar_atomic_is_deterministic_and_refuses_unsafe_names(tmp_path):
 
 def test_reads_good_samples(tmp_path):
   path = str(tmp_path / "00000.tar")
-  write_tar_atomic(path, _sample("00000") + _sample("00001", meta={
+  write_tar(path, _sample("00000") + _sample("00001", meta={
       "url": "http://img.example/1.png", "page_url": "https://shop.example/p"}))
   samples, counts = read_shard(path)
   assert counts.yielded == 2 and counts.total_in == 2 and not counts.dropped
@@ -88,7 +89,7 @@ def test_reads_good_samples(tmp_path):
 
 
 def _raw_tar(path, entries):
-  """A tar with hand-made members (kinds tarfile can write but write_tar_atomic refuses)."""
+  """A tar with hand-made members (kinds tarfile can write but write_tar refuses)."""
   with tarfile.open(path, "w") as tar:
     for info, data in entries:
       tar.addfile(info, io.BytesIO(data) if data is not None else None)
@@ -135,7 +136,7 @@ def test_truncated_tar_keeps_what_was_read(tmp_path):
   members = []
   for i in range(6):
     members += _sample(f"{i:05d}")
-  write_tar_atomic(full, members)
+  write_tar(full, members)
   data = open(full, "rb").read()
   complete, _ = read_shard(full)
   assert len(complete) == 6
@@ -203,7 +204,7 @@ def test_bad_fields_are_counted(tmp_path):
       + _sample("nourl", meta={"caption": "x"})
       + _sample("nocaption", caption=None, meta={"url": "http://x/y.png", "caption": "from json"})
   )
-  write_tar_atomic(path, members)
+  write_tar(path, members)
   samples, counts = read_shard(path)
   assert [s.key for s in samples] == ["good", "nocaption"]
   assert samples[1].caption == "from json"
@@ -218,7 +219,7 @@ def test_random_corruption_never_raises(tmp_path):
   for i in range(4):
     members += _sample(f"{i:05d}", image=_jpeg(np.full((16, 16, 3), 40 * i, np.uint8)), ext="jpg")
   good = str(tmp_path / "good.tar")
-  write_tar_atomic(good, members)
+  write_tar(good, members)
   data = bytearray(open(good, "rb").read())
   rng = np.random.default_rng(0)
   bad = str(tmp_path / "bad.tar")

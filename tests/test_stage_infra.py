@@ -12,7 +12,10 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from data_pipeline import cluster_shards, shard_io, stages
+from data_pipeline import stages
+from suti.core import tar_io
+from suti.core import atomic_io
+from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
 from data_pipeline.stats import TaskResult, format_summary
 
@@ -61,7 +64,7 @@ def expert_run(ctx, task):
   if os.path.exists(os.path.join(flags, "kill-at-3")) and len(_calls(ctx.config.fake.log, "expert")) == 3:
     raise RuntimeError("killed")
   record = next(r for r in cluster_shards.read_cluster_shard(task.bucket_input) if r.cluster_id == task.cluster_id)
-  shard_io.atomic_write_json(os.path.join(task.output_dir, f"{task.cluster_id}.json"),
+  atomic_io.atomic_write_json(os.path.join(task.output_dir, f"{task.cluster_id}.json"),
                              {"cluster": task.cluster_id, "images": len(record.images)})
   result = TaskResult()
   result.stage("experts").in_ = 1
@@ -87,13 +90,13 @@ def target_run(ctx, task):
     if not os.path.exists(path):  # its expert failed (counted there)
       continue
     counts.in_ += 1
-    if shard_io.read_json(path)["images"] >= ctx.config.fake.filter.min_images:
+    if atomic_io.read_json(path)["images"] >= ctx.config.fake.filter.min_images:
       counts.out += 1
       kept.append(cid)
     else:
       counts.drop("too_few_images")
   if kept:  # like the real stages: no output for a bucket that keeps nothing
-    shard_io.atomic_write_json(os.path.join(task.output_dir, f"icl-{task.index:06d}.json"), kept)
+    atomic_io.atomic_write_json(os.path.join(task.output_dir, f"icl-{task.index:06d}.json"), kept)
   return result
 
 
@@ -189,7 +192,7 @@ def test_one_task_per_cluster_across_buckets_and_a_rerun_does_nothing(world):
   assert _calls(log, "target") == [f"{b:06d}" for b in range(NUM_BUCKETS)]
   icl = os.path.join(lay.output_dir, "icl")
   assert sorted(os.listdir(icl)) == [f"icl-{b:06d}.json" for b in (0, 1, 3)]
-  assert [c for b in (0, 1, 3) for c in shard_io.read_json(os.path.join(icl, f"icl-{b:06d}.json"))] == ORDER
+  assert [c for b in (0, 1, 3) for c in atomic_io.read_json(os.path.join(icl, f"icl-{b:06d}.json"))] == ORDER
   assert stats["stages"] == ALL_KEPT and "failed" not in stats
   _balanced(stats)
   # The task list: index = the bucket holding the cluster, so bucket_input is its shard.
@@ -224,7 +227,7 @@ def test_on_failure_counts_the_drop_and_the_next_run_retries(world):
   flag(world, "fail-c1a")
   stats = run_local(config, lay, registry(on_failure=True), progress=False)
   assert _calls(config.fake.log, "expert") == ["c0a", "c0b", "c1a", "c1a", "c3a", "c3b"]  # 1 + max_retries tries
-  marker = shard_io.read_json(os.path.join(lay.output_dir, "_done", "expert", "c1a.json"))
+  marker = atomic_io.read_json(os.path.join(lay.output_dir, "_done", "expert", "c1a.json"))
   assert marker["failed"] is True and marker["error"] == "RuntimeError: expert c1a diverged"
   assert stats["stages"]["experts"] == {"in": 5, "out": 4, "dropped": {"expert_failed": 1}}
   assert stats["stages"]["targets"] == {"in": 4, "out": 4, "dropped": {}}
@@ -238,7 +241,7 @@ def test_on_failure_counts_the_drop_and_the_next_run_retries(world):
   assert _calls(config.fake.log, "expert")[6:] == ["c1a"]
   assert _calls(config.fake.log, "target")[4:] == ["000001"]
   assert stats["stages"] == ALL_KEPT and "failed" not in stats
-  assert shard_io.read_json(os.path.join(lay.output_dir, "icl", "icl-000001.json")) == ["c1a"]
+  assert atomic_io.read_json(os.path.join(lay.output_dir, "icl", "icl-000001.json")) == ["c1a"]
 
 
 def test_a_stage_where_every_task_failed_is_an_error(world):
@@ -320,6 +323,6 @@ def test_stage_granularity_and_chaining_are_checked(world):
   with pytest.raises(ValueError, match="stage target needs experts input but follows a stage producing clusters"):
     run_local(config, layout(world), registry(), progress=False)
   # A cluster id with a dot would make a marker path ambiguous: refused when the tasks are enumerated.
-  shard_io.write_tar(str(world / "bad.tar"), [("a.b.meta.json", b"{}")])
+  tar_io.write_tar(str(world / "bad.tar"), [("a.b.meta.json", b"{}")])
   with pytest.raises(ValueError, match="bad cluster id 'a.b'"):
     stages.shard_cluster_ids(str(world / "bad.tar"))

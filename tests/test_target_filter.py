@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import calibrate_targets, clip_filter, toy_clip
-from data_pipeline import toy_world as tw
+from data_pipeline import calibrate_targets
+from suti.toy import world as tw
 from data_pipeline.cli import main as data_main
-from data_pipeline.cluster_shards import ClusterRecord
+from suti.formats.cluster_shards import ClusterRecord
 from suti.config import load_config
 from suti.experts.target_filter import (REASONS, CandidateScores, FilterTally, TargetFilterConfig, clip_prompt,
                                         decide, failing_reasons, min_pixel_distance, score_candidates)
+from suti.embed import clip as clip_lib
+from data_pipeline.stats import filter_counts
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 SUBJECT = tw.Subject("ball", "red", "stripes", "white")
@@ -26,7 +28,7 @@ OTHER = tw.Subject("kite", "blue")
 @pytest.fixture(scope="module")
 def clip():
   """(model, tokenizer) of the shipped toy CLIP, loaded once."""
-  model, _, tokenizer = clip_filter.load_clip(load_config(os.path.join(CONFIGS, "pipeline", "toy.py")))
+  model, _, tokenizer = clip_lib.load_clip_from_config(load_config(os.path.join(CONFIGS, "pipeline", "toy.py")))
   return model, tokenizer
 
 
@@ -77,10 +79,10 @@ def test_scores_match_their_definitions(clip, references):
   candidates = [render(SUBJECT, "beach"), render(OTHER, "beach"), render(SUBJECT, "snow", size=16)]
   prompts = ["a ball on the beach", "a kite on the beach", "a ball in the snow"]
   scores = score_candidates(model, tokenizer, candidates, prompts, references, batch_size=2)
-  ref = toy_clip.encode_images(model, np.stack(references))
+  ref = clip_lib.encode_images(model, np.stack(references))
   for image, prompt, s in zip(candidates, prompts, scores):
-    emb = toy_clip.encode_images(model, image[None])[0]
-    txt = toy_clip.encode_texts(model, tokenizer, [prompt])[0]
+    emb = clip_lib.encode_images(model, image[None])[0]
+    txt = clip_lib.encode_texts(model, tokenizer, [prompt])[0]
     np.testing.assert_allclose([s.clip_i, s.clip_i_max, s.clip_t], [(ref @ emb).mean(), (ref @ emb).max(), txt @ emb],
                                atol=1e-5)
     assert s.pixel_std == pytest.approx(float(image.std()))
@@ -152,7 +154,7 @@ def test_each_reason_comes_from_an_image_built_for_it(clip, references):
   # The pixel test alone catches a copy when the CLIP near-copy threshold cannot be reached.
   assert decide(scores["near_copy"], TargetFilterConfig(**{**cfg.to_dict(), "near_copy_clip_threshold": 1.5})) \
       == "near_copy"
-  counts = tally.stage_counts()
+  counts = filter_counts(tally.kept, tally.dropped)
   assert (counts.in_, counts.out, dict(counts.dropped)) == (5, 1, {r: 1 for r in REASONS})
   assert counts.in_ == counts.out + sum(counts.dropped.values())
   assert tally.keep_rate == pytest.approx(0.2)
@@ -174,7 +176,7 @@ def test_tally_balances_and_refuses_unknown_decisions():
     tally.add(d)
   other.add("near_copy")
   tally.update(other)
-  counts = tally.stage_counts()
+  counts = filter_counts(tally.kept, tally.dropped)
   assert counts.to_dict() == {"in": 6, "out": 2, "dropped": {"blank": 1, "clip_t_low": 2, "near_copy": 1}}
   assert FilterTally().keep_rate == 0.0
   with pytest.raises(ValueError, match="unknown filter decision 'dark'"):
@@ -192,7 +194,7 @@ def test_reference_scores(clip):
   other = ClusterRecord("c2", "https://shop/b", [render(OTHER, "sky"), render(OTHER, "night")], ["x", "y"],
                         ["k3", "k4"])
   ref = calibrate_targets.reference_scores(model, tokenizer, record, other)
-  emb = toy_clip.encode_images(model, np.stack(images))
+  emb = clip_lib.encode_images(model, np.stack(images))
   sim = emb @ emb.T
   np.testing.assert_allclose(ref["clip_i_real"], [(sim[i].sum() - sim[i, i]) / 2 for i in range(3)], atol=2e-4)
   assert len(ref["clip_i_other"]) == 3 and max(ref["clip_i_other"]) < min(ref["clip_i_real"]) - 0.2

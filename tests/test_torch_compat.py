@@ -1,4 +1,4 @@
-"""suti.torch_compat: torchvision (and what imports it) loads on the CPU-only torch; `import suti` stays cheap."""
+"""suti.core.torch_compat: torchvision (and what imports it) loads on the CPU-only torch; `import suti` stays cheap."""
 import subprocess
 import sys
 
@@ -12,7 +12,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_import_suti_does_not_import_torch_and_installs_one_hook():
   result = _run(
       "import sys, suti, data_pipeline\n"
-      "from suti import torch_compat\n"
+      "from suti.core import torch_compat\n"
       "torch_compat.install(); torch_compat.install()\n"
       "hooks = [f for f in sys.meta_path if isinstance(f, torch_compat._TorchvisionImportHook)]\n"
       "print(len(hooks), 'torch' in sys.modules)\n")
@@ -27,7 +27,7 @@ def test_torch_users_import_after_suti():
       "from transformers import T5EncoderModel\n"
       "from diffusers import UNet2DConditionModel\n"
       "import torchvision.transforms\n"
-      "from suti import torch_compat\n"
+      "from suti.core import torch_compat\n"
       "hooks = [f for f in sys.meta_path if isinstance(f, torch_compat._TorchvisionImportHook)]\n"
       "print('ok', len(hooks), torch_compat.ensure_torchvision_ops())\n")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -35,7 +35,7 @@ def test_torch_users_import_after_suti():
 
 
 def test_without_the_shim_torchvision_fails_here():
-  status = _run("from suti import torch_compat; print(torch_compat.ensure_torchvision_ops())")
+  status = _run("from suti.core import torch_compat; print(torch_compat.ensure_torchvision_ops())")
   assert status.returncode == 0, status.stderr
   if status.stdout.strip() != "defined":
     pytest.skip(f"torchvision's extension loads on this machine ({status.stdout.strip()}): no shim needed")

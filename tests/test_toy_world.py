@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from data_pipeline import toy_world as tw
+from suti.toy import world as tw
 
 
 def test_identity_count_and_uniqueness():

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import toy_world as tw
-from data_pipeline import toyweb
-from data_pipeline.sources import iter_shard, list_shards
+from suti.toy import world as tw
+from suti.toy import web as toyweb
+from data_pipeline.sources import iter_shard
+from suti.core.shards import list_shards
 
 PAGES = 60
 

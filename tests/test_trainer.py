@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from data_pipeline.toyweb import write_toyweb
+from suti.toy.web import write_toyweb
 from shared_fixtures import TINY_MODEL_OVERRIDES, tiny_config
 from suti.train.metrics_writer import read_metrics
 from suti.train.trainer import NonFiniteLossError, train
@@ -125,7 +125,7 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   from flax import nnx
 
   from suti.models.model import SuTIModel
-  from suti.train.checkpoint import load_params
+  from suti.checkpoint.store import load_params
   from suti.train.trainer import build_model
 
   base_dir = str(tmp_path / "base")
@@ -134,8 +134,8 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   cfg = tiny_config("toy_suti.py", [("train.init_from", base_dir)])
   model = build_model(cfg)
   fresh = SuTIModel(cfg, rngs=nnx.Rngs(cfg.train.seed))
-  from suti.models.load_weights import flatten_weights
-  flat = flatten_weights(weights)
+  from suti.core.tree_paths import flatten_dict
+  flat = flatten_dict(weights)
   loaded = neighbor = 0
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name = "/".join(map(str, path))
@@ -154,7 +154,7 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   # Two apprentice steps on ICL shards, with the demos | output preview grid written at step 2.
   from PIL import Image
 
-  from suti.train.preview import sample_grid
+  from suti.viz.sample_grid import sample_grid
   from test_input_pipeline import write_icl_shard
   write_icl_shard(str(tmp_path / "icl-000000.tar"), [3, 2, 5, 3, 1, 4, 3, 3, 2, 3])
   cfg = tiny_config("toy_suti.py", RUN + [("train.init_from", base_dir), ("train.steps", "2"),

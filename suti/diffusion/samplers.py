@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from suti.diffusion.schedules import Schedule, check_prediction, eps_from_x0, output_to_x0_eps
+from tqdm import tqdm
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 X0Fn = Callable[[jax.Array], jax.Array]
@@ -92,7 +93,6 @@ def _run(denoise_fn: Denoiser, update: Callable[[jax.Array, Any, jax.Array], Any
 
   if not progress:
     return jax.lax.fori_loop(0, plan.steps, body, carry)
-  from tqdm import tqdm
   jitted_update = jax.jit(update)
   for i in tqdm(range(plan.steps), desc=desc, unit="step"):
     x = carry[0]

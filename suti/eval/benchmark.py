@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from suti.core.safe_image import ImageRejected, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 PROMPTS_FILE = "prompts.json"
@@ -45,7 +46,6 @@ def _field(entry, name: str, kind, subject: str, path: str):
 
 def read_benchmark(root: str, *, max_subjects: int = 0, max_prompts: int = 0) -> Benchmark:
   """Reads the layout above (subjects sorted by name; the first max_subjects / max_prompts when > 0)."""
-  from data_pipeline.safe_image import ImageRejected, decode_image
   path = os.path.join(root, PROMPTS_FILE)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"benchmark folder {root} does not exist")

@@ -15,6 +15,10 @@ import json
 import os
 import re
 from typing import Sequence
+from suti.core.safe_image import ImageRejected, decode_image
+from suti.eval.benchmark import IMAGE_EXTENSIONS, PROMPTS_FILE
+from suti.core.png import save_png
+from tqdm import tqdm
 
 LIVE_CLASSES = ("cat", "dog")  # DreamBench's 9 live subjects; they get the live-subject prompt list
 _PROMPT = re.compile(r"""['"](?P<template>[^'"]*\{0\}[^'"]*\{1\}[^'"]*)['"]\s*\.format""")
@@ -42,9 +46,6 @@ def parse_prompts_and_classes(text: str) -> tuple[dict[str, str], list[str], lis
 
 def convert_dreambench(src: str, out: str, token: str = "sks", progress: bool = False) -> dict:
   """Writes the benchmark layout for every subject of `src`; returns {"subjects": N, "images": N}."""
-  from data_pipeline.safe_image import ImageRejected, decode_image
-  from suti.eval.benchmark import IMAGE_EXTENSIONS, PROMPTS_FILE
-  from suti.infer.sheet import save_png
   table_path = os.path.join(src, "prompts_and_classes.txt")
   if not os.path.isfile(table_path):
     raise FileNotFoundError(f"{src} has no prompts_and_classes.txt: is it DreamBench's dataset folder?")
@@ -52,7 +53,6 @@ def convert_dreambench(src: str, out: str, token: str = "sks", progress: bool = 
     classes, object_prompts, live_prompts = parse_prompts_and_classes(f.read())
   subjects = sorted(classes)
   if progress:
-    from tqdm import tqdm
     subjects = tqdm(subjects, desc="convert-dreambench", unit="subject")
   prompts, images, skipped = {}, 0, 0
   for name in subjects:

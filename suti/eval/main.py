@@ -20,6 +20,21 @@ import time
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
+from suti.core.paths import resolve_path
+from suti.core.hashing import stable_seed
+from suti.eval import report as report_lib
+from suti.eval.benchmark import read_benchmark
+from suti.embed.clip import ClipEmbedder
+from suti.embed.dino import DinoEmbedder
+from suti.eval.metrics import leave_one_out_cosine
+from suti.eval.methods import MethodRunner
+from suti.eval.scoring import Scorer, summarize
+from suti.infer.load_model import load_model
+from suti.core.png import save_png
+from suti.config import load_config, split_overrides
+from suti.eval.report import markdown_table
+from suti.eval import dreambench
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                       "eval", "toy.py")
@@ -48,18 +63,7 @@ def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress
              log=print) -> dict:
   """Runs every configured method on every subject, scores, writes images, metrics.json and the report; returns
   the metrics dict (also in <out>/metrics.json) with "report" set to the HTML path."""
-  from tqdm import tqdm
 
-  from data_pipeline.clip_filter import resolve_checkpoint
-  from data_pipeline.expert_stages import stable_seed
-  from suti.eval import report as report_lib
-  from suti.eval.benchmark import read_benchmark
-  from suti.eval.embedders import ClipEmbedder, DinoEmbedder
-  from suti.eval.metrics import leave_one_out_cosine
-  from suti.eval.methods import MethodRunner
-  from suti.eval.scoring import Scorer, summarize
-  from suti.infer.load_model import load_model
-  from suti.infer.sheet import save_png
 
   e = cfg.eval
   methods = list(e.methods)
@@ -70,8 +74,8 @@ def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress
   bench = read_benchmark(benchmark_dir, max_subjects=int(e.max_subjects), max_prompts=int(e.max_prompts))
   start = time.perf_counter()
   loaded = load_model(checkpoint, kind="apprentice")
-  clip = ClipEmbedder(cfg.clip.model_name, resolve_checkpoint(cfg.clip.checkpoint), int(cfg.clip.batch_size))
-  dino = DinoEmbedder(cfg.dino.model_name, resolve_checkpoint(cfg.dino.checkpoint)) if cfg.dino.checkpoint else None
+  clip = ClipEmbedder(cfg.clip.model_name, resolve_path(cfg.clip.checkpoint), int(cfg.clip.batch_size))
+  dino = DinoEmbedder(cfg.dino.model_name, resolve_path(cfg.dino.checkpoint)) if cfg.dino.checkpoint else None
   runner = MethodRunner(loaded, e, sample_overrides(cfg), cfg.dreambooth, methods)
   scorer = Scorer(clip, dino, e, cfg.toy, loaded.image_size)
   log(f"suti eval: {len(bench.subjects)} subjects x {len(bench.subjects[0].prompts)} prompts x "
@@ -141,10 +145,7 @@ def evaluate(checkpoint: str, benchmark_dir: str, out_dir: str, cfg, *, progress
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "convert-dreambench":
-    from suti.eval import dreambench
     return dreambench.main(argv[1:])
-  from suti.config import load_config, split_overrides
-  from suti.eval.report import markdown_table
   overrides, rest = split_overrides(argv)
   args = build_parser().parse_args(rest)
   cfg = load_config(args.config, overrides)
@@ -157,6 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti eval"))

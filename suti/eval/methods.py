@@ -14,7 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from suti.train.image_ops import resize_and_crop
+from suti.core.image_ops import resize_and_crop
+from suti.infer.sampler import Sampler
+from suti.core.paths import resolve_path
+from suti.experts.dreambooth import ExpertTrainer
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.core.hashing import stable_seed
+from suti.experts.dreambooth import prepare_images
+from suti.experts.dreambooth import expert_token, render_prompt
 
 METHODS = ("suti", "text_only", "dreambooth", "copy")
 
@@ -23,14 +30,13 @@ class MethodRunner:
   """Builds each method's model once (compiled samplers, the expert trainer) and runs it per subject."""
 
   def __init__(self, loaded, eval_cfg, sample_overrides: dict, dreambooth_cfg, methods: Sequence[str]):
-    from suti.infer.fewshot import FewShotSampler
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
       raise ValueError(f"unknown eval method(s) {unknown}; known: {', '.join(METHODS)}")
     self.loaded = loaded
     self.size = loaded.image_size
     self.seed = int(eval_cfg.seed)
-    self.sampler = FewShotSampler(loaded, batch_size=int(eval_cfg.batch_size), sample_overrides=sample_overrides)
+    self.sampler = Sampler.for_loaded(loaded, batch_size=int(eval_cfg.batch_size), sample_overrides=sample_overrides)
     self.dreambooth_cfg = dreambooth_cfg
     self._expert = None
     self._class_images: dict[str, np.ndarray] = {}
@@ -38,11 +44,7 @@ class MethodRunner:
       self._expert = self._build_expert(sample_overrides, int(eval_cfg.batch_size))
 
   def _build_expert(self, sample_overrides: dict, batch_size: int):
-    from data_pipeline.clip_filter import resolve_checkpoint
-    from suti.experts.dreambooth import ExpertTrainer
-    from suti.experts.render import Renderer
-    from suti.train.checkpoint import checkpoint_config, load_params
-    path = resolve_checkpoint(self.dreambooth_cfg.base_checkpoint)
+    path = resolve_path(self.dreambooth_cfg.base_checkpoint)
     if not path:
       raise ValueError("the dreambooth method needs dreambooth.base_checkpoint (a base text-to-image checkpoint)")
     weights, meta = load_params(path)
@@ -51,14 +53,12 @@ class MethodRunner:
       raise ValueError(f"dreambooth.base_checkpoint renders {base_cfg.model.image_size}px, the apprentice {self.size}px")
     trainer = ExpertTrainer(base_cfg, weights, self.dreambooth_cfg)
     s = self.sampler.sample_cfg
-    renderer = Renderer(base_cfg, batch_size=batch_size, sample_overrides={
+    renderer = Sampler.for_config(base_cfg, batch_size=batch_size, sample_overrides={
         k: s[k] for k in ("sampler", "steps", "text_scale", "dynamic_threshold", "guidance_mode")})
     return trainer, renderer
 
   def class_images(self, noun: str) -> np.ndarray:
     """The base model's renders of the class prompt (prior preservation), once per class noun."""
-    from data_pipeline.expert_stages import stable_seed
-    from suti.experts.dreambooth import prepare_images
     trainer, renderer = self._expert
     if noun not in self._class_images:
       e = self.dreambooth_cfg
@@ -78,7 +78,6 @@ class MethodRunner:
     elif method == "text_only":
       images = self.sampler.sample(prompts, seed)
     elif method == "dreambooth":
-      from suti.experts.dreambooth import expert_token, render_prompt
       trainer, renderer = self._expert
       class_images = self.class_images(cls)
       start = time.perf_counter()  # the class images are shared by all subjects of a class: not counted

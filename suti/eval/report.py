@@ -1,7 +1,7 @@
 """The evaluation report: metrics table and, per subject, a grid of demos | each method's images per prompt.
 
 Writes <out>/report.html (self-contained apart from the grid PNGs next to it) and <out>/report.md (the same
-table and grids, for a README or a pull request). Grids are contact sheets (suti.infer.sheet): one row per prompt,
+table and grids, for a README or a pull request). Grids are contact sheets (suti.viz.contact_sheet): one row per prompt,
 the groups in the order of the legend, separated by red bars.
 """
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import html
 import os
 
-from suti.infer.sheet import contact_sheet, save_png
+from suti.core.png import save_png
+from suti.viz.contact_sheet import contact_sheet
 
 COLUMNS = (("identity_accuracy", "identity acc."), ("context_accuracy", "context acc."), ("dino", "DINO"),
            ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("near_copy_rate", "near copies"),

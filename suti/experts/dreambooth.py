@@ -30,9 +30,10 @@ from flax import nnx
 
 from suti.diffusion.schedules import make_schedule
 from suti.models import lora as lora_lib
-from suti.models.load_weights import flatten_weights, load_weights
+from suti.models.load_weights import load_weights
+from suti.core.tree_paths import flatten_dict
 from suti.models.model import SuTIModel, null_text
-from suti.train.image_ops import resize_and_crop, to_model_range
+from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.train.optim import make_optimizer
 from suti.train.step import init_train_state, make_train_step, step_rng
 
@@ -151,7 +152,7 @@ class ExpertTrainer:
     self.cfg = expert_train_config(base_cfg, experts_cfg)
     self.method = experts_cfg.method
     self.image_size = int(base_cfg.model.image_size)
-    self.base_weights = {k: np.asarray(v) for k, v in flatten_weights(base_weights).items()}
+    self.base_weights = {k: np.asarray(v) for k, v in flatten_dict(base_weights).items()}
     model = SuTIModel(self.cfg, rngs=nnx.Rngs(0))
     load_weights(model, base_weights, source="experts.base_checkpoint")
     self.lora_alpha = 0.0

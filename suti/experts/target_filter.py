@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from data_pipeline.stats import StageCounts
+from suti.embed import clip as clip_lib
 
 REASONS = ("blank", "near_copy", "clip_i_low", "clip_t_low")
 
@@ -106,7 +106,6 @@ def score_candidates(clip_model, tokenizer: Callable, images: Sequence[np.ndarra
                      references: Sequence[np.ndarray], batch_size: int = 256) -> list[CandidateScores]:
   """Scores of each candidate image (any sizes) against its prompt (already passed through clip_prompt)
   and the cluster's real images, whose embeddings are computed once."""
-  from data_pipeline import clip_filter, toy_clip
   images = [_check_image(img, f"candidate {i}") for i, img in enumerate(images)]
   references = [_check_image(img, f"reference {i}") for i, img in enumerate(references)]
   if len(images) != len(clip_prompts):
@@ -115,9 +114,9 @@ def score_candidates(clip_model, tokenizer: Callable, images: Sequence[np.ndarra
     raise ValueError("scoring candidates needs at least one reference image")
   if not images:
     return []
-  ref_emb = clip_filter.embed_images(clip_model, references, batch_size)
-  img_emb = clip_filter.embed_images(clip_model, images, batch_size)
-  txt_emb = toy_clip.encode_texts(clip_model, tokenizer, list(clip_prompts), batch_size)
+  ref_emb = clip_lib.embed_images(clip_model, references, batch_size)
+  img_emb = clip_lib.embed_images(clip_model, images, batch_size)
+  txt_emb = clip_lib.encode_texts(clip_model, tokenizer, list(clip_prompts), batch_size)
   to_refs = img_emb @ ref_emb.T  # [N, R]; embeddings are L2-normalised
   clip_t = np.einsum("nd,nd->n", img_emb, txt_emb)
   return [CandidateScores(clip_i=float(to_refs[i].mean()), clip_i_max=float(to_refs[i].max()),
@@ -170,7 +169,3 @@ class FilterTally:
   def keep_rate(self) -> float:
     """Kept / decided (0.0 before any decision)."""
     return self.kept / self.total if self.total else 0.0
-
-  def stage_counts(self) -> StageCounts:
-    """The stats.json view: in == out + sum(dropped) by construction."""
-    return StageCounts(in_=self.total, out=self.kept, dropped=collections.Counter(self.dropped))

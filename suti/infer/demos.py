@@ -14,14 +14,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from suti.train.image_ops import resize_and_crop, to_model_range
+from suti.core.image_ops import resize_and_crop, to_model_range
+from suti.core.safe_image import ImageRejected, decode_image
+from suti.models.neighbors import pad_neighbors
 
 MAX_DEMOS = 5  # the CLI's limit; a model takes at most its own model.num_neighbors
 
 
 def read_image(path: str, what: str = "demo") -> np.ndarray:
   """uint8 [H, W, 3] RGB of an image file; FileNotFoundError / ValueError in one line otherwise."""
-  from data_pipeline.safe_image import ImageRejected, decode_image
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} image {path} does not exist" if not os.path.isdir(path)
                             else f"{what} image {path} is a folder, not an image file")
@@ -55,19 +56,9 @@ def demo_batch(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence
   of suti.infer.sampling: images float32 [B,K,S,S,3] in [-1,1], ids / text_mask [B,K,L], neighbor_mask [B,K]."""
   if len(rows) != len(captions):
     raise ValueError(f"{len(rows)} rows of demos but {len(captions)} rows of captions")
-  b, k, s = len(rows), int(max_neighbors), int(image_size)
-  images = np.zeros((b, k, s, s, 3), np.float32)
-  present = np.zeros((b, k), bool)
-  texts = [""] * (b * k)
-  for i, (demos, texts_i) in enumerate(zip(rows, captions)):
-    check_demo_count(len(demos), k)
-    if len(texts_i) != len(demos):
-      raise ValueError(f"{len(demos)} demos but {len(texts_i)} demo captions")
-    for j, (image, text) in enumerate(zip(demos, texts_i)):
-      images[i, j] = to_model_range(resize_and_crop(np.asarray(image), s))
-      present[i, j] = True
-      texts[i * k + j] = text
-  ids, mask = tokenize(texts)
-  ids, mask = np.asarray(ids, np.int32), np.asarray(mask)
-  return {"images": images, "ids": ids.reshape(b, k, -1), "text_mask": mask.reshape(b, k, -1),
-          "neighbor_mask": present}
+  for demos, texts in zip(rows, captions):
+    check_demo_count(len(demos), int(max_neighbors))
+    if len(texts) != len(demos):
+      raise ValueError(f"{len(demos)} demos but {len(texts)} demo captions")
+  images = [[to_model_range(resize_and_crop(np.asarray(image), int(image_size))) for image in demos] for demos in rows]
+  return pad_neighbors(images, captions, num_neighbors=max_neighbors, image_size=image_size, tokenize=tokenize)

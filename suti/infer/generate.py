@@ -19,7 +19,12 @@ import time
 from typing import Sequence
 
 from suti.infer.demos import MAX_DEMOS, check_demo_count, default_caption, read_image
-from suti.train.image_ops import resize_and_crop
+from suti.core.image_ops import resize_and_crop
+from tqdm import tqdm
+from suti.infer.sampler import Sampler
+from suti.infer.load_model import load_model
+from suti.core.png import save_png
+from suti.viz.contact_sheet import contact_sheet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,17 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise ValueError(f"{len(args.demo)} demos but {len(args.demo_caption)} --demo-caption values")
   demos = [read_image(path) for path in args.demo]  # bad files fail here, before the model loads
 
-  from tqdm import tqdm
 
-  from suti.infer.fewshot import FewShotSampler
-  from suti.infer.load_model import load_model
-  from suti.infer.sheet import contact_sheet, save_png
 
   start = time.perf_counter()
   loaded = load_model(args.checkpoint, kind="apprentice")
   check_demo_count(len(demos), int(loaded.cfg.model.num_neighbors))
   captions = args.demo_caption or [default_caption(args.prompt, args.token)] * len(demos)
-  sampler = FewShotSampler(loaded, batch_size=args.num_images, sample_overrides={
+  sampler = Sampler.for_loaded(loaded, batch_size=args.num_images, sample_overrides={
       "steps": args.steps, "sampler": args.sampler, "text_scale": args.text_scale,
       "neighbor_scale": args.neighbor_scale})
   s = sampler.sample_cfg
@@ -96,6 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti generate"))

@@ -14,6 +14,8 @@ from flax import nnx
 
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel
+from suti.core.paths import resolve_path
+from suti.checkpoint.store import checkpoint_config, load_params
 
 KINDS = ("apprentice", "base")
 
@@ -37,9 +39,7 @@ class LoadedModel:
 def load_model(path: str, *, kind: str | None = None) -> LoadedModel:
   """The model stored at `path` with its weights (EMA when the checkpoint has them); ValueError for a folder that
   is missing, holds no readable checkpoint, or holds the other kind of model than `kind`."""
-  from data_pipeline.clip_filter import resolve_checkpoint
-  from suti.train.checkpoint import checkpoint_config, load_params
-  path = resolve_checkpoint(path)  # a relative path also works from outside the repository (checkpoints/...)
+  path = resolve_path(path)  # a relative path also works from outside the repository (checkpoints/...)
   if kind is not None and kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if not os.path.exists(path):

@@ -19,6 +19,7 @@ from flax import nnx
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
 from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
+from safetensors.numpy import load_file
 
 _SEGMENT_RENAMES = (  # (ours, diffusers) path segments
     (("ff", "proj_in"), ("ff", "net", "0", "proj")),
@@ -140,7 +141,6 @@ def _safetensors_file(path: str) -> str:
 
 def load_diffusers_unet(path: str, unet: UNet) -> None:
   """Loads a diffusers UNet (a .safetensors file, or a diffusers `unet/` folder) into `unet` in place."""
-  from safetensors.numpy import load_file
 
   state_dict = load_file(_safetensors_file(path))
   nnx.update(unet, convert_diffusers_unet(state_dict, unet.config))

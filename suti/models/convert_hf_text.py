@@ -19,6 +19,8 @@ from flax import nnx
 
 from suti.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from suti.models.t5 import T5Encoder, T5EncoderConfig
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 Weights = Mapping[str, np.ndarray]
 Path = tuple  # a path in our module's flat state, e.g. ("layers", 0, "q", "kernel")
@@ -33,8 +35,6 @@ def read_hf_config(folder: str) -> dict:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  from safetensors.numpy import load_file
 
   try:
     return load_file(path)

@@ -14,30 +14,7 @@ import numpy as np
 from flax import nnx
 
 from suti.models.neighbors import is_neighbor_param
-
-
-def flatten_weights(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  """A nested dict of arrays -> {'a/b/0/kernel': array}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(flatten_weights(value, path))
-    else:
-      flat[path] = value
-  return flat
-
-
-def unflatten_weights(flat: Mapping[str, Any]) -> dict:
-  """{'a/b/0/kernel': array} -> the nnx pure dict {'a': {'b': {0: {'kernel': array}}}} (digit keys as ints)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    parts = [int(p) if p.isdigit() else p for p in path.split("/")]
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return tree
+from suti.core.tree_paths import flatten_dict
 
 
 def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from", *,
@@ -45,7 +22,7 @@ def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "i
   """Copies `weights` (nested dict or flat {'a/b/kernel': array}) into `model` in place; returns how many arrays
   were copied. Paths the model has but `weights` lacks are allowed only for neighbor layers, and not at all with
   strict=True (loading a trained apprentice). `source` names where the weights come from in error messages."""
-  flat = flatten_weights(weights)
+  flat = flatten_dict(weights)
   loaded = 0
   missing = []
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -9,11 +9,12 @@ Every parameter here lives under an attribute whose name contains "neighbor" (se
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from suti.models.attention import Attention
@@ -84,3 +85,33 @@ class NeighborTokenizer(nnx.Module):
     tokens = tokens.reshape(b, k, t, -1) + self.neighbor_position[:k][None, :, None, :].astype(self.dtype)
     mask = jnp.broadcast_to(neighbor_mask.astype(bool)[:, :, None], (b, k, t))
     return NeighborTokens(tokens=tokens.reshape(b, k * t, -1), mask=mask.reshape(b, k * t))
+
+
+def pad_neighbors(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence[str]], *, num_neighbors: int,
+                  image_size: int, tokenize: Callable) -> dict[str, np.ndarray]:
+  """The one padding rule for 1..K neighbors per row, used by the trainer's loader and by generation alike.
+
+  rows: per row its neighbor images, float32 [S, S, 3] in the model's range; captions: one per image. Returns
+  images float32 [B, K, S, S, 3], ids int32 / text_mask [B, K, L] and neighbor_mask bool [B, K]. Padding slots
+  hold zero images, neighbor_mask False and the tokens of the empty caption (a valid null text, so the text
+  encoder never sees a fully masked row).
+  """
+  if len(rows) != len(captions):
+    raise ValueError(f"{len(rows)} rows of neighbors but {len(captions)} rows of captions")
+  b, k, s = len(rows), int(num_neighbors), int(image_size)
+  images = np.zeros((b, k, s, s, 3), np.float32)
+  present = np.zeros((b, k), bool)
+  texts = [""] * (b * k)
+  for i, (row, row_captions) in enumerate(zip(rows, captions)):
+    if len(row) > k:
+      raise ValueError(f"{len(row)} neighbors in a row, at most {k}")
+    if len(row_captions) != len(row):
+      raise ValueError(f"{len(row)} neighbors but {len(row_captions)} captions")
+    for j, (image, text) in enumerate(zip(row, row_captions)):
+      images[i, j], present[i, j], texts[i * k + j] = image, True, text
+  ids, mask = tokenize(texts)
+  ids, mask = np.asarray(ids), np.asarray(mask)
+  if ids.ndim != 2 or ids.shape[0] != b * k or mask.shape != ids.shape:
+    raise ValueError(f"tokenize must return ids and mask of shape [{b * k}, L], got {ids.shape} and {mask.shape}")
+  return {"images": images, "ids": ids.astype(np.int32).reshape(b, k, -1), "text_mask": mask.reshape(b, k, -1),
+          "neighbor_mask": present}

@@ -32,12 +32,12 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.gopen import gopen
 
-from data_pipeline.safe_image import ImageRejected, decode_image
-from data_pipeline.sources import list_shards
-from suti.train.image_ops import resize_and_crop, to_model_range
+from suti.core.safe_image import ImageRejected, decode_image
+from suti.core.shards import TAR_SUFFIXES, list_shards
+from suti.core.image_ops import resize_and_crop, to_model_range
+from suti.models.neighbors import pad_neighbors
 
 KINDS = ("pairs", "icl")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _TAR_BLOCK = 512
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 _NEIGHBOR_IMAGE = re.compile(r"^neighbor_(\d+)\.(png|jpg|jpeg|webp)$")
@@ -374,16 +374,10 @@ class TrainInput:
              "keys": np.array([e.key for e in examples], dtype=str),
              "texts": np.array([e.text for e in examples], dtype=str)}
     if self.kind == "icl":
-      k, s = self.num_neighbors, self.image_size
-      images = np.zeros((b, k, s, s, 3), np.float32)
-      present = np.zeros((b, k), bool)
-      texts = [""] * (b * k)
-      for i, e in enumerate(examples):
-        for j, (image, text) in enumerate(zip(e.neighbor_images, e.neighbor_texts)):
-          images[i, j], present[i, j], texts[i * k + j] = image, True, text
-      n_ids, n_mask = self._tokens(texts, b * k)
-      batch.update(neighbor_images=images, neighbor_ids=n_ids.reshape(b, k, -1),
-                   neighbor_text_mask=n_mask.reshape(b, k, -1), neighbor_mask=present)
+      n = pad_neighbors([e.neighbor_images for e in examples], [e.neighbor_texts for e in examples],
+                        num_neighbors=self.num_neighbors, image_size=self.image_size, tokenize=self.tokenize)
+      batch.update(neighbor_images=n["images"], neighbor_ids=n["ids"], neighbor_text_mask=n["text_mask"],
+                   neighbor_mask=n["neighbor_mask"])
     return batch
 
   def _generate(self) -> Iterator[tuple[dict[str, np.ndarray], InputPosition, collections.Counter]]:

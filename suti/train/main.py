@@ -13,6 +13,7 @@ from typing import Sequence
 
 from suti.config import load_config, split_overrides
 from suti.train.distributed import DistributedArgs, initialize
+from suti.train.trainer import train
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
 
@@ -38,13 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = load_config(args.config, overrides)
   initialize(DistributedArgs.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
 
-  from suti.train.trainer import train  # after jax.distributed: importing it is fine, using devices is not
 
   result = train(cfg, args.workdir, max_steps=args.max_steps, progress=False if args.no_progress else None)
   return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti train"))

@@ -12,6 +12,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
@@ -41,7 +42,6 @@ def make_mesh(cfg_mesh: mlc.ConfigDict, devices: Sequence[jax.Device] | None = N
   shape = mesh_shape(cfg_mesh, len(devices))
   if devices == list(jax.devices()):
     try:  # topology-aware placement on TPU / GPU pods; plain reshape where it does not apply (CPU)
-      from jax.experimental import mesh_utils
       grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
       grid = np.asarray(devices).reshape(shape)

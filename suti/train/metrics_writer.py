@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_pipeline.shard_io import atomic_write_bytes
+from suti.core.atomic_io import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -11,6 +11,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class PreemptionWatcher:
@@ -37,7 +38,6 @@ class PreemptionWatcher:
     """True on every process at the same step once any process was told to stop. Call it after every step."""
     if jax.process_count() == 1:
       return self.received is not None
-    from jax.experimental import multihost_utils
     synced = False
     try:
       synced = multihost_utils.reached_preemption_sync_point(step)

@@ -14,7 +14,7 @@ import jax
 import ml_collections as mlc
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from suti.train.tree_paths import path_string
+from suti.core.tree_paths import path_string
 
 ACTIONS = ("fsdp", "replicate")
 

@@ -36,6 +36,7 @@ from suti.diffusion.conditioning import drop_conditioning, mask_neighbors, selec
 from suti.diffusion.losses import sample_timesteps, training_targets, weighted_mse
 from suti.diffusion.schedules import Schedule
 from suti.models.model import SuTIModel, null_text
+from suti.train.optim import make_optimizer
 
 Batch = dict[str, jax.Array]
 NEIGHBOR_KEYS = ("neighbor_images", "neighbor_ids", "neighbor_text_mask", "neighbor_mask")
@@ -177,7 +178,6 @@ def step_rng(state: TrainState) -> jax.Array:
 
 def build_trainer(cfg: mlc.ConfigDict, model: SuTIModel, schedule: Schedule):
   """Single-device convenience: optimizer + state + jitted step(state, batch, rng) for a model built from cfg."""
-  from suti.train.optim import make_optimizer
 
   tx, lr = make_optimizer(cfg.train)
   graphdef, state = create_train_state(model, tx, cfg)

@@ -34,13 +34,17 @@ from suti.diffusion.schedules import make_schedule
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text
 from suti.train import mesh as mesh_lib
-from suti.train.checkpoint import Checkpointer, load_params
+from suti.checkpoint.store import Checkpointer, load_params
 from suti.train.input_pipeline import InputPosition, TrainInput
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
 from suti.train.preemption import PreemptionWatcher
 from suti.train.sharding import describe, tree_shardings
 from suti.train.step import TrainState, init_train_state, make_train_step, split_model, step_rng
+from jax.experimental import multihost_utils
+from suti.infer.sampling import make_sample_fn
+from suti.viz.sample_grid import sample_grid, sample_grid_path, save_sample_grid
+from tqdm import tqdm
 
 
 class NonFiniteLossError(ValueError):
@@ -153,7 +157,6 @@ class Trainer:
     local = position.to_array().astype(np.int64)
     if jax.process_count() == 1:
       return [local.tolist()]
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
   # ----- checkpoints -----------------------------------------------------------------------------------------
@@ -218,7 +221,6 @@ class Trainer:
     pending: tuple[int, dict] | None = None
     bar = None
     if self.progress and self.primary:
-      from tqdm import tqdm
       bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     try:
       with PreemptionWatcher() as watcher:
@@ -313,7 +315,6 @@ class PreviewSampler:
   """A sample grid of the EMA weights on a fixed set of examples (the first ones of the data), every N steps."""
 
   def __init__(self, trainer: Trainer):
-    from suti.infer.sampling import make_sample_fn
 
     self.trainer = trainer
     cfg = trainer.cfg
@@ -333,7 +334,6 @@ class PreviewSampler:
                              (c.image_size, c.image_size, c.out_channels))
 
   def write(self, step: int) -> str:
-    from suti.train.preview import sample_grid, sample_grid_path, save_sample_grid
 
     t = self.trainer
     weights = t.state.ema if t.state.ema is not None else t.state.params

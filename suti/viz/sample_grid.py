@@ -15,7 +15,6 @@ The caption of a row (of a tile, for the base grid) is drawn in the c-pixel band
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from typing import Sequence
@@ -23,23 +22,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.shard_io import atomic_write_bytes
+from suti.core.png import save_png
+from suti.core.image_ops import to_uint8
 
 BACKGROUND = (255, 255, 255)
 SEPARATOR_COLOR = (220, 40, 40)
 PADDED_DEMO_GRAY = (128, 128, 128)
 CAPTION_COLOR = (0, 0, 0)
-
-
-def to_uint8(images) -> np.ndarray:
-  """uint8 pixels of images given as uint8 or as floats in [-1, 1] (clipped; NaN shown as mid-gray)."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  if images.dtype.kind in "iubSUO":
-    raise ValueError(f"images must be uint8 or floats in [-1, 1], got dtype {images.dtype}")
-  images = np.nan_to_num(images.astype(np.float32), nan=0.0)  # float16 / bfloat16 too
-  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def _as_pixels(name: str, images: np.ndarray, ndim: int) -> np.ndarray:
@@ -150,10 +139,7 @@ def sample_grid(outputs: np.ndarray, demos: np.ndarray | None = None, *, scale: 
 
 def save_sample_grid(path: str, outputs, demos=None, **kw) -> str:
   """Writes sample_grid(outputs, demos, **kw) as a PNG at `path` (atomically, parents created); returns path."""
-  buffer = io.BytesIO()
-  Image.fromarray(sample_grid(outputs, demos, **kw)).save(buffer, format="PNG")
-  atomic_write_bytes(path, buffer.getvalue())
-  return path
+  return save_png(path, sample_grid(outputs, demos, **kw))
 
 
 def sample_grid_path(workdir: str, step: int) -> str:

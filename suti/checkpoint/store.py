@@ -30,7 +30,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from suti.train.tree_paths import path_names
+from suti.core.tree_paths import path_names
+from suti.core.tree_paths import flatten_paths
+from jax.experimental import multihost_utils
+import ml_collections as mlc
 
 OWN_ITEMS = ("params", "ema", "frozen", "opt_state")  # TrainState fields stored as their own Orbax item
 EXTRA_ITEM = "extra"  # every other leaf of the state
@@ -256,8 +259,8 @@ class _Mismatch(ValueError):
 
 
 def _check_matches(step: int, item: str, saved: Any, abstract: dict) -> None:
-  saved_flat = dict(_flat_items(saved))
-  wanted = dict(_flat_items(abstract))
+  saved_flat = flatten_paths(saved, (dict,))
+  wanted = flatten_paths(abstract, (dict,))
   if set(saved_flat) != set(wanted):
     only_saved = sorted(set(saved_flat) - set(wanted))[:3]
     only_wanted = sorted(set(wanted) - set(saved_flat))[:3]
@@ -269,15 +272,6 @@ def _check_matches(step: int, item: str, saved: Any, abstract: dict) -> None:
     if shape != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
       raise _Mismatch(f"checkpoint step {step} {item}/{'/'.join(path)} is {shape} {np.dtype(got.dtype)}, "
                       f"the state wants {tuple(want.shape)} {np.dtype(want.dtype)}")
-
-
-def _flat_items(tree: Any, prefix: Path = ()) -> list[tuple[Path, Any]]:
-  if isinstance(tree, dict):
-    out = []
-    for key, value in tree.items():
-      out.extend(_flat_items(value, prefix + (str(key),)))
-    return out
-  return [(prefix, tree)]
 
 
 def _one_line(err: BaseException) -> str:
@@ -298,7 +292,6 @@ def _all_processes_agree(ok: bool) -> bool:
   """True only when every process read its part; a corrupt verdict must be the same everywhere."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
@@ -343,7 +336,6 @@ def _tuples(value: Any) -> Any:
 def checkpoint_config(meta: dict, where: str = "checkpoint"):
   """The training config a checkpoint was written with (JSON lists back to tuples), as an ml_collections
   ConfigDict; ValueError when the checkpoint carries none."""
-  import ml_collections as mlc
   if not isinstance(meta.get("config"), dict):
     raise ValueError(f"{where} carries no training config in its metadata (not written by `suti train`?)")
   return mlc.ConfigDict(_tuples(meta["config"]))

@@ -14,26 +14,7 @@ from typing import Sequence
 import numpy as np
 
 import suti  # noqa: F401  (installs the torchvision shim before timm / open_clip import torchvision)
-
-
-class ClipEmbedder:
-  """L2-normalised open_clip image and text embeddings."""
-
-  def __init__(self, model_name: str, checkpoint: str, batch_size: int = 256):
-    from data_pipeline.toy_clip import load_clip
-    if not checkpoint:
-      raise ValueError("the CLIP metrics need a local checkpoint (eval.clip.checkpoint)")
-    self.model, _, self.tokenizer = load_clip(model_name, checkpoint)
-    self.name = model_name
-    self.batch_size = int(batch_size)
-
-  def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-    from data_pipeline.clip_filter import embed_images
-    return embed_images(self.model, list(images), self.batch_size)
-
-  def texts(self, texts: Sequence[str]) -> np.ndarray:
-    from data_pipeline.toy_clip import encode_texts
-    return encode_texts(self.model, self.tokenizer, list(texts), self.batch_size)
+from suti.core.image_ops import resize_and_crop
 
 
 def load_timm_vit(model_name: str, checkpoint: str):
@@ -81,7 +62,6 @@ class DinoEmbedder:
 
   def _tensor(self, images: Sequence[np.ndarray]):
     import torch
-    from suti.train.image_ops import resize_and_crop
     batch = np.stack([resize_and_crop(np.asarray(i, np.uint8), self.size) for i in images]).astype(np.float32)
     batch = (batch / 255.0 - self.mean) / self.std
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))

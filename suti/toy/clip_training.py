@@ -7,7 +7,7 @@ package) registered with `open_clip.add_model_config`. The weights load through
 run loads ViT-L/14 from a local file: `load_clip("ViT-L-14", "/models/vit_l14.safetensors")` and
 `load_clip("toy-ViT-32", "checkpoints/toy_clip")` take the same path.
 
-Training (`python -m data_pipeline.toy_clip --out checkpoints/toy_clip --steps N`, also
+Training (`python -m suti.toy.clip_training --out checkpoints/toy_clip --steps N`, also
 `suti data train-clip`): image / caption pairs rendered from train-split subjects, open_clip's
 ClipLoss between images and captions plus a weighted ClipLoss between two views of the same
 subject in different contexts (so that image embeddings carry identity, not only the scene),
@@ -20,110 +20,15 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from data_pipeline import toy_world as tw
-
-TOY_MODEL_NAME = "toy-ViT-32"
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip_configs")
-CHECKPOINT_FILE = "open_clip_model.safetensors"
-
-
-def register_toy_configs() -> None:
-  """Make the toy model names known to open_clip (idempotent)."""
-  import open_clip
-  if TOY_MODEL_NAME not in open_clip.list_models():
-    open_clip.add_model_config(CONFIG_DIR)
-
-
-def _resolve_checkpoint(checkpoint_path: str) -> str:
-  path = checkpoint_path
-  if os.path.isdir(path):
-    path = os.path.join(path, CHECKPOINT_FILE)
-  if not os.path.isfile(path):
-    raise ValueError(f"CLIP checkpoint not found: {checkpoint_path!r} (expected a file, or a folder "
-                     f"holding {CHECKPOINT_FILE})")
-  return path
-
-
-def load_clip(model_name: str, checkpoint_path: str | None) -> tuple[Any, Callable, Callable]:
-  """(model in eval mode, inference preprocess, tokenizer) through open_clip's own loader.
-
-  `checkpoint_path` is a local weights file (or a folder holding open_clip_model.safetensors);
-  None gives random weights (tests only). Nothing is downloaded.
-  """
-  import open_clip
-  register_toy_configs()
-  if model_name.replace("/", "-") not in open_clip.list_models():
-    raise ValueError(f"unknown open_clip model {model_name!r}")
-  pretrained = _resolve_checkpoint(checkpoint_path) if checkpoint_path else None
-  model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-  model.eval()
-  return model, preprocess, open_clip.get_tokenizer(model_name)
-
-
-def _preprocess_cfg(model) -> dict:
-  cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-  size = cfg.get("size", model.visual.image_size)
-  size = size if isinstance(size, int) else int(size[0])
-  return {"size": size, "mean": cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-          "std": cfg.get("std", (0.26862954, 0.26130258, 0.27577711))}
-
-
-def images_to_tensor(model, images: np.ndarray):
-  """uint8 [N, H, W, 3] -> the normalised float tensor the model expects, done in torch on the
-  batch: resize the shortest side (bicubic, antialiased) and centre-crop, as open_clip's
-  inference transform does, without a PIL round trip per image."""
-  import torch
-  import torch.nn.functional as F
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-  cfg = _preprocess_cfg(model)
-  x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-  size, (h, w) = cfg["size"], images.shape[1:3]
-  if (h, w) != (size, size):
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[:, :, top:top + size, left:left + size].clamp(0, 1)
-  mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-  std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-  return (x - mean) / std
-
-
-def encode_images(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """L2-normalised image embeddings [N, D] (float32) of uint8 [N, H, W, 3] images."""
-  import torch
-  images = np.asarray(images)
-  if len(images) == 0:
-    return np.zeros((0, model.visual.output_dim), np.float32)
-  out = []
-  with torch.inference_mode():
-    for start in range(0, len(images), batch_size):
-      x = images_to_tensor(model, images[start:start + batch_size])
-      out.append(model.encode_image(x, normalize=True).float().numpy())
-  return np.concatenate(out, 0)
-
-
-def encode_texts(model, tokenizer: Callable, texts: Sequence[str],
-                 batch_size: int = 256) -> np.ndarray:
-  """L2-normalised text embeddings [N, D] (float32)."""
-  import torch
-  texts = list(texts)
-  if not texts:
-    return np.zeros((0, model.text_projection.shape[1] if hasattr(model, "text_projection")
-                     else model.visual.output_dim), np.float32)
-  out = []
-  with torch.inference_mode():
-    for start in range(0, len(texts), batch_size):
-      tokens = tokenizer(texts[start:start + batch_size])
-      out.append(model.encode_text(tokens, normalize=True).float().numpy())
-  return np.concatenate(out, 0)
-
+from suti.toy import world as tw
+from suti.embed.clip import CHECKPOINT_FILE, CONFIG_DIR, TOY_MODEL_NAME, _preprocess_cfg, encode_images, encode_texts, images_to_tensor, register_toy_configs
+import sys
+from suti.core.errors import run_user_command
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # Training data: toy pairs rendered on the fly.
@@ -270,7 +175,6 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
   rng = np.random.default_rng(seed + 1)
   bar = range(steps)
   if progress:
-    from tqdm import tqdm
     bar = tqdm(bar, desc="toy CLIP", unit="step")
   losses = []
   t1 = time.time()
@@ -356,14 +260,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """`python -m data_pipeline.toy_clip` = `suti data train-clip`."""
-  import sys
-
-  from data_pipeline import cli
-  from suti.cli import run_user_command
-
-  args = sys.argv[1:] if argv is None else argv
-  return run_user_command(cli.main, ["train-clip", *args], "suti data train-clip")
+  """`python -m suti.toy.clip_training` = `suti data train-clip`."""
+  parser = argparse.ArgumentParser(prog="suti data train-clip")
+  add_arguments(parser)
+  return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
+                          "suti data train-clip")
 
 
 if __name__ == "__main__":

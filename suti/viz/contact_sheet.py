@@ -9,14 +9,12 @@ Layout in pixels (g = gutter, t = tile side, s = separator width, c = caption ba
 """
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.shard_io import atomic_write_bytes
-from suti.train.preview import BACKGROUND, CAPTION_COLOR, SEPARATOR_COLOR, _fit_text
+from suti.viz.sample_grid import BACKGROUND, CAPTION_COLOR, SEPARATOR_COLOR, _fit_text
 
 
 def _tile(image: np.ndarray, side: int) -> np.ndarray:
@@ -74,15 +72,3 @@ def contact_sheet(rows: Sequence[Sequence[Sequence[np.ndarray]]], *, captions: S
       draw.text((gutter, y), _fit_text(draw, caption, font, width - 2 * gutter), fill=CAPTION_COLOR, font=font)
     canvas = np.array(picture)
   return canvas
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def save_png(path: str, image: np.ndarray) -> str:
-  """Writes a uint8 image as PNG atomically (parents created); returns the path."""
-  atomic_write_bytes(path, png_bytes(image))
-  return path

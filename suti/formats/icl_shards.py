@@ -10,7 +10,6 @@ glob `<output>/icl/*.tar` reads the train split only; a whole cluster lands in o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,8 +18,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from data_pipeline import shard_io
-from data_pipeline.cluster_shards import ClusterRecord, decode_png, encode_png
+from suti.core import tar_io
+from suti.core.png import decode_png, encode_png
+from suti.formats.cluster_shards import ClusterRecord
+from suti.core.hashing import stable_int
 
 _MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<field>target\.png|target\.txt|meta\.json|"
                      r"neighbor_(?P<index>\d+)\.(?P<ext>png|txt))$")
@@ -98,7 +99,7 @@ def is_validation(cluster_id: str, val_percent: float) -> bool:
   run, host and process puts a cluster, with all its examples, in the same split."""
   if not 0 <= val_percent <= 100:
     raise ValueError(f"val_percent must be in [0, 100], got {val_percent}")
-  bucket = int.from_bytes(hashlib.sha256(f"icl-val:{cluster_id}".encode("utf-8")).digest()[:8], "big") % 10000
+  bucket = stable_int(f"icl-val:{cluster_id}") % 10000
   return bucket < round(val_percent * 100)
 
 
@@ -120,7 +121,7 @@ def write_icl_shard(path: str, examples: Iterable[ICLExample]) -> int:
   keys = [e.key for e in examples]
   if len(set(keys)) != len(keys):
     raise ValueError(f"{path}: duplicate example keys")
-  shard_io.write_tar(path, [m for e in examples for m in e.members()])
+  tar_io.write_tar(path, [m for e in examples for m in e.members()])
   return len(examples)
 
 
@@ -147,7 +148,7 @@ def read_icl_shard(path: str) -> list[ICLExample]:
   examples: list[ICLExample] = []
   seen: set[str] = set()
   key, parts = None, {}
-  for name, data in shard_io.read_tar(path):
+  for name, data in tar_io.read_tar(path):
     match = _MEMBER.match(name)
     if match is None:
       raise ValueError(f"{path}: unexpected member {name!r}")

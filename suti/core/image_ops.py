@@ -1,4 +1,4 @@
-"""Image preprocessing for training: square crops at the model's resolution, and the model's value range.
+"""Image geometry and value ranges: square crops at the model's resolution, [-1, 1] and back to uint8.
 
 Stored images keep their source resolution (DESIGN.md, Data formats); the loader makes them square here.
 """
@@ -42,3 +42,14 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
   if image.dtype != np.uint8:
     raise ValueError(f"expected uint8 pixels, got {image.dtype}")
   return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+  """uint8 pixels of images given as uint8 or as floats in [-1, 1] (clipped, rounded; NaN shown as mid-gray)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if images.dtype.kind in "iubSUO":
+    raise ValueError(f"images must be uint8 or floats in [-1, 1], got dtype {images.dtype}")
+  images = np.nan_to_num(images.astype(np.float32), nan=0.0)  # float16 / bfloat16 too
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -11,10 +11,10 @@ pixels, and the train / held-out split is a fixed hash of the identity.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 
 import numpy as np
+from suti.core.hashing import stable_int
 
 # Shapes are named as object classes; each is drawn from an implicit function on [-1, 1]^2.
 SHAPES: tuple[str, ...] = ("ball", "box", "tent", "starfish", "donut", "kite", "egg", "heart")
@@ -142,7 +142,7 @@ def all_subjects() -> list[Subject]:
 
 
 def _stable_hash(text: str) -> int:
-  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+  return stable_int(text)
 
 
 def split_of(subject: Subject) -> str:

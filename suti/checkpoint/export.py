@@ -23,15 +23,16 @@ import shutil
 import sys
 from typing import Sequence
 
-import ml_collections as mlc
 import numpy as np
+from suti.diffusion.sample_settings import parse_settings, sample_settings
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.checkpoint.store import Checkpointer
 
 
 def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False,
                       sample: Sequence[str] = ()) -> str:
   """Writes the weights of `source` (a workdir, its checkpoints/ folder or one step) to `out_dir`, with the
   `sample` settings ("key=value") as the checkpoint's sampling defaults; returns the step directory written."""
-  from suti.train.checkpoint import checkpoint_config, load_params
   weights, meta = load_params(source, prefer_ema=prefer_ema)
   checkpoint_config(meta, f"checkpoint {source}")  # a run's checkpoint: its config must be readable
   step = int(meta.get("step", 0))
@@ -50,19 +51,11 @@ def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, ove
 
 def with_sample_settings(section: dict, settings: Sequence[str]) -> dict:
   """`section` (the config's sample dict) with "key=value" settings applied, checked and cast as --config.* is."""
-  from suti.config import apply_override
-  cfg = mlc.ConfigDict(section)
-  for setting in settings:
-    key, sep, value = setting.partition("=")
-    if not sep:
-      raise ValueError(f"--sample {setting!r}: expected KEY=VALUE, KEY one of {sorted(section)}")
-    apply_override(cfg, key, value)
-  return cfg.to_dict()
+  return sample_settings(section, parse_settings(settings, section)).to_dict()
 
 
 def save_weights(out_dir: str, step: int, weights: dict, meta: dict) -> str:
   """Writes nnx pure-dict weights and a meta dict (with "config") as one checkpoint step; returns its folder."""
-  from suti.train.checkpoint import Checkpointer
   if not isinstance(meta.get("config"), dict):
     raise ValueError("a weights checkpoint needs meta['config'] (the model's config as a dict)")
   checkpointer = Checkpointer(os.path.abspath(out_dir), keep=1, async_save=False)
@@ -95,6 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.cli import run_user_command
+  from suti.core.errors import run_user_command
 
   sys.exit(run_user_command(main, sys.argv[1:], "suti export"))

@@ -4,11 +4,12 @@ subject anywhere; the pipeline and the models never see any of this.
 """
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
-from data_pipeline import toy_world as tw
+from suti.toy import world as tw
+from suti.core.hashing import stable_int
+from suti.core.image_ops import resize_and_crop
 
 
 def toy_subject(name: str, cls: str) -> tw.Subject | None:
@@ -21,7 +22,7 @@ def toy_subject(name: str, cls: str) -> tw.Subject | None:
 
 
 def _rank(*parts: str) -> int:
-  return int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest()[:8], "big")
+  return stable_int(*parts)
 
 
 def distractors(subject: tw.Subject, count: int) -> list[tw.Subject]:
@@ -42,7 +43,6 @@ def reference_renders(subject: tw.Subject, count: int, size: int) -> list[np.nda
 def prompt_render(subject: tw.Subject, prompt: str, size: int, variant: int = 0) -> np.ndarray:
   """The subject in exactly the context the prompt names, at `size` pixels: a real image the prompt describes
   (rendered at the nearest toy size at or above `size`, then resized like a demo)."""
-  from suti.train.image_ops import resize_and_crop
   context = tw.prompt_context(prompt)
   render_size = next((s for s in tw.SIZES_PX if s >= size), tw.SIZES_PX[-1])
   image = tw.render(subject, tw.Context(context.background, context.position, context.size, context.style,

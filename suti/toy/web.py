@@ -27,8 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline import toy_world as tw
-from data_pipeline.sources import write_tar_atomic
+from suti.toy import world as tw
+from suti.core.tar_io import write_tar
+import sys
+from suti.core.errors import run_user_command
+from suti.core.png import encode_png
+from tqdm import tqdm
 
 # Pages come in blocks of 20 with these kinds, shuffled inside the block, so that even a small
 # crawl has every kind in about these proportions.
@@ -87,11 +91,10 @@ def _page_spelling(rng: np.random.Generator, site: str, path: str,
 
 
 def _encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
-  buf = io.BytesIO()
   if fmt == "png":
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-  else:
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return encode_png(image)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
   return buf.getvalue()
 
 
@@ -245,7 +248,6 @@ def write_toyweb(out_dir: str, pages: int, seed: int, image_size: int = 32,
   samples: list[dict] = []
   pages_iter = plan
   if progress:
-    from tqdm import tqdm
     pages_iter = tqdm(plan, desc="toyweb pages", unit="page")
   for page in pages_iter:
     samples += _page_samples(page, rng, image_size)
@@ -262,7 +264,7 @@ def write_toyweb(out_dir: str, pages: int, seed: int, image_size: int = 32,
     members: list[tuple[str, bytes]] = []
     for j, sample in enumerate(samples[shard * shard_size:(shard + 1) * shard_size]):
       members += _sample_members(f"{shard:05d}{j:04d}", sample, image_size)
-    write_tar_atomic(os.path.join(out_dir, f"{shard:05d}.tar"), members)
+    write_tar(os.path.join(out_dir, f"{shard:05d}.tar"), members)
 
   n_subjects, n_bench_images = _write_benchmark(out_dir, rng, image_size, benchmark_per_class)
   kinds = [p["kind"] for p in plan]
@@ -306,14 +308,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """`python -m data_pipeline.toyweb` = `suti data toyweb`."""
-  import sys
-
-  from data_pipeline import cli
-  from suti.cli import run_user_command
-
-  args = sys.argv[1:] if argv is None else argv
-  return run_user_command(cli.main, ["toyweb", *args], "suti data toyweb")
+  """`python -m suti.toy.web` = `suti data toyweb`."""
+  parser = argparse.ArgumentParser(prog="suti data toyweb")
+  add_arguments(parser)
+  return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
+                          "suti data toyweb")
 
 
 if __name__ == "__main__":

@@ -13,31 +13,18 @@ written once, for the final shards.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
-from data_pipeline import shard_io
+from suti.core import tar_io
+from suti.core.png import decode_png, encode_png
 
 _MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<ext>img_(?P<index>\d+)\.(png|txt)|prompts\.json|meta\.json)$")
 PACKED_INDEX, PACKED_PIXELS = "shard.index.json", "shard.pixels.bin"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-  """PNG bytes of a uint8 HxWx3 image; the same pixels always give the same bytes."""
-  buf = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=6)
-  return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-  with Image.open(io.BytesIO(data)) as img:
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass
@@ -96,10 +83,10 @@ def write_cluster_shard(path: str, records: Iterable[ClusterRecord], packed: boo
     index = [{**r.meta_json(), "packed": {"captions": r.captions, "shapes": [list(i.shape) for i in r.images],
                                           "prompts": r.prompts}} for r in records]
     pixels = b"".join(np.ascontiguousarray(i, dtype=np.uint8).tobytes() for r in records for i in r.images)
-    shard_io.write_tar(path, [(PACKED_INDEX, json.dumps(index, sort_keys=True).encode("utf-8")),
+    tar_io.write_tar(path, [(PACKED_INDEX, json.dumps(index, sort_keys=True).encode("utf-8")),
                               (PACKED_PIXELS, pixels)])
   else:
-    shard_io.write_tar(path, [m for r in records for m in r.members()])
+    tar_io.write_tar(path, [m for r in records for m in r.members()])
   return len(records)
 
 
@@ -142,7 +129,7 @@ def _record_from_members(key: str, parts: dict[str, bytes], path: str) -> Cluste
 def read_cluster_shard(path: str) -> Iterator[ClusterRecord]:
   """Reads the clusters of one shard (packed or not) in file order."""
   key, parts = None, {}
-  members = shard_io.read_tar(path)
+  members = tar_io.read_tar(path)
   for name, data in members:
     if name == PACKED_INDEX:
       pixels_name, pixels = next(members, (None, b""))

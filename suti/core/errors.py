@@ -1,0 +1,23 @@
+"""User errors: one line on stderr and exit status 2, never a bare traceback (SUTI_DEBUG=1 shows it)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def run_user_command(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], prog: str) -> int:
+  """Runs a command's main; user errors become one line on stderr and exit status 2."""
+  try:
+    return int(fn(argv) or 0)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
+  except USER_ERRORS as e:
+    if os.environ.get("SUTI_DEBUG"):
+      raise
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
