@@ -120,8 +120,8 @@ class TransformersBackend:
 
   def __init__(self, captioner_path: str = "", lm_path: str = "", prompts_per_skill: int = 1,
                max_new_tokens: int = 24, seed: int = 0):
-    import torch
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    import torch  # lazy: local models only
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer  # lazy: local models only
     self.torch = torch
     self.fallback = TemplateBackend(prompts_per_skill, seed)
     self.prompts_per_skill = prompts_per_skill

@@ -1,7 +1,7 @@
 """DreamBench-style prompt templates for the five SuTI skills, and instructions for a language model.
 
 `{s}` is the subject as prompts name it: a rare token plus the class noun ("sks ball"), never its colour
-or pattern (DESIGN.md: the identity is visible only in the demonstrations). Phrases match the toy world's
+or pattern (as in DreamBench: the identity is visible only in the demonstrations). Phrases match the toy world's
 vocabulary (backgrounds, accessories, styles, sizes) so its experts can render them; they read as
 ordinary prompts at full scale too.
 """

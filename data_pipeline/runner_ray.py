@@ -70,7 +70,7 @@ def accelerator_options(config: mlc.ConfigDict) -> dict:
 
 def init_ray(config: mlc.ConfigDict) -> bool:
   """Starts or joins Ray unless it is already up; returns True when this call started it."""
-  import ray
+  import ray  # lazy: ray is an optional extra
   if ray.is_initialized():
     return False
   if config.runner.ray_address:
@@ -96,8 +96,8 @@ class _RayExecutor:
     return self._remote_tasks(stage, tasks) if stage.accelerator else self._actor_pool(stage, tasks)
 
   def _actor_pool(self, stage, tasks):
-    import ray
-    from ray.util import ActorPool
+    import ray  # lazy: ray is an optional extra
+    from ray.util import ActorPool  # lazy: ray is an optional extra
     if not self.actors:
       actor_cls = ray.remote(num_cpus=1)(StageWorker)
       self.actors = [actor_cls.remote(self.config, self.layout) for _ in range(self.workers)]
@@ -108,7 +108,7 @@ class _RayExecutor:
       yield by_id[task_id], error
 
   def _remote_tasks(self, stage, tasks):
-    import ray
+    import ray  # lazy: ray is an optional extra
     self.release_actors()
     remote = ray.remote(**accelerator_options(self.config))(_run_accelerator_task)
     config_ref, layout_ref = ray.put(self.config), ray.put(self.layout)
@@ -128,7 +128,7 @@ class _RayExecutor:
       yield task_of[ref], None
 
   def release_actors(self) -> None:
-    import ray
+    import ray  # lazy: ray is an optional extra
     for actor in self.actors:
       ray.kill(actor)
     self.actors = []
@@ -138,7 +138,7 @@ def run_ray(config: mlc.ConfigDict, layout: stages_lib.RunLayout,
             registry: stages_lib.StageRegistry | None = None, workers: int | None = None,
             progress: bool = True, timings: dict | None = None) -> dict:
   """Runs (or resumes) the configured stages on Ray; returns the stats.json object (`timings` as run_local)."""
-  import ray
+  import ray  # lazy: ray is an optional extra
   registry = registry or registry_lib.default_registry()
   workers = config.runner.workers if workers is None else workers
   workers = workers if workers and workers > 0 else 2

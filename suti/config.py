@@ -14,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections as mlc
+from suti.core.paths import resolve_path
 from suti.core.tree_paths import flatten_dict
 
 OVERRIDE_PREFIX = "--config."
@@ -24,6 +25,9 @@ class ConfigError(ValueError):
 
 
 def _import_config_module(path: str):
+  # A relative path not found in the working folder (configs/toy.py) is one of the project's own: the checkout's
+  # configs/, or the copy a non-editable install ships as suti/shipped/configs.
+  path = resolve_path(path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   path = os.path.abspath(path)

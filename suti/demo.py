@@ -31,9 +31,9 @@ from suti.train.trainer import train
 from suti.eval.report import markdown_table
 from suti.core.paths import resolve_path
 from suti.eval.main import evaluate
+from suti.core.errors import run_user_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
+CONFIGS = "configs"  # load_config resolves configs/...: the working folder, then the shipped configs/
 
 
 def log(message: str) -> None:
@@ -117,8 +117,12 @@ img{{image-rendering:pixelated;max-width:100%}}</style></head>
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="suti demo", description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="suti_demo", help="output folder (replaced)")
-  parser.add_argument("--checkpoint", default="checkpoints/toy_suti", help="the apprentice to evaluate")
-  parser.add_argument("--base", default="checkpoints/toy_base", help="the base model (experts, DreamBooth)")
+  parser.add_argument("--checkpoint", default="checkpoints/toy_suti",
+                      help="the apprentice to evaluate; "
+                           "a relative path not in the working folder resolves against the shipped checkpoints/")
+  parser.add_argument("--base", default="checkpoints/toy_base",
+                      help="the base model (experts, DreamBooth); "
+                           "a relative path not in the working folder resolves against the shipped checkpoints/")
   parser.add_argument("--from-scratch", action="store_true", help="retrain the base and the apprentice first")
   parser.add_argument("--pages", type=int, default=16, help="pages of the demo crawl")
   parser.add_argument("--subjects", type=int, default=8, help="held-out subjects to evaluate")
@@ -178,6 +182,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti demo"))

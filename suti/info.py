@@ -16,6 +16,7 @@ from suti.config import flatten, load_config, split_overrides
 from suti.models.text_encoder import build_text_encoder
 from suti.models.unet import count_params
 from suti.models.unet_config import UNetConfig
+from suti.core.errors import run_user_command
 
 
 def _count(tree) -> int:
@@ -54,13 +55,13 @@ def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str
 def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="suti info", description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="config file, e.g. configs/toy.py")
+  parser.add_argument("--config", required=True,
+                      help="config file, e.g. configs/toy.py; a relative path "
+                           "not in the working folder resolves against the installed package's configs/")
   args = parser.parse_args(rest)
   print(describe(args.config, overrides))
   return 0
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti info"))

@@ -1,4 +1,4 @@
-"""Every test process sees 8 CPU devices, so sharded code runs on real meshes (DESIGN.md, Training at scale).
+"""Every test process sees 8 CPU devices, so sharded code runs on real meshes (as on a TPU host or a multi-GPU node).
 
 The flag must be set before jax initialises its backend, hence here and not inside a test. A value already in
 XLA_FLAGS wins.

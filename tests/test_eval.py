@@ -11,6 +11,7 @@ from suti.toy import world as tw
 from shared_fixtures import write_tiny_checkpoint
 from suti import cli
 from suti.eval import metrics
+from suti.eval.scoring import summarize
 from suti.toy import truth as toy_truth
 from suti.eval.benchmark import read_benchmark
 from suti.eval.dreambench import convert_dreambench, parse_prompts_and_classes
@@ -51,6 +52,134 @@ def test_zero_shot_choice_shared_and_per_image_options():
   np.testing.assert_array_equal(metrics.zero_shot_choice(g, np.eye(2)), [0, 1])
   per_image = np.stack([np.eye(2)[::-1], np.eye(2)])
   np.testing.assert_array_equal(metrics.zero_shot_choice(g, per_image), [1, 1])
+
+
+def test_rowwise_cosine_pairs_row_i_with_row_i_only():
+  e = np.eye(3)
+  # orthonormal rows: 1 where the text is the image's own vector, 0 for any other basis vector
+  np.testing.assert_array_equal(metrics.rowwise_cosine(e, e), [1.0, 1.0, 1.0])
+  np.testing.assert_array_equal(metrics.rowwise_cosine(e, e[[1, 2, 0]]), [0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(metrics.rowwise_cosine(e, e[[0, 2, 1]]), [1.0, 0.0, 0.0])
+  images = _unit([[1, 0], [1, 1], [0, 1], [-1, 0]])
+  texts = _unit([[1, 0], [1, 0], [1, 0], [1, 0]])
+  np.testing.assert_allclose(metrics.rowwise_cosine(images, texts), [1, 1 / np.sqrt(2), 0, -1], atol=1e-12)
+  assert metrics.rowwise_cosine(images, texts).shape == (4,)
+  with pytest.raises(ValueError, match="differ in shape"):
+    metrics.rowwise_cosine(e, e[:2])
+  with pytest.raises(ValueError, match=r"must be \[N, D\] embeddings"):
+    metrics.rowwise_cosine(e[0], e[0])
+
+
+def test_summarize_means_over_every_image_of_every_subject():
+  per_image = {
+      "clip_i": [np.array([0.1, 0.2]), np.array([0.6])],  # two subjects: the mean is over the 3 images, 0.3
+      "clip_t": [np.array([1.0, 0.0, 0.0])],  # 1/3 -> 0.3333
+      "dino": [],  # no DINO checkpoint: absent, not 0
+      "identity_rank": [np.array([0.0, 1.0]), np.array([0.0, 3.0])],  # 2 of 4 ranked first; mean rank 1
+      "context_ok": [np.array([1.0, 0.0, 1.0, 1.0])],
+      "near_copy": [np.array([0.0, 1.0, 0.0]), np.array([0.0])],
+      "not_a_metric": [np.array([5.0])],  # only the per-image metrics the scorer writes are summarised
+  }
+  assert summarize(per_image) == {"clip_i": 0.3, "clip_t": 0.3333, "identity_accuracy": 0.5,
+                                  "identity_mean_rank": 1.0, "context_accuracy": 0.75, "near_copy_rate": 0.25}
+  # rounding: accuracies to 4 places, the mean rank to 3
+  assert summarize({"identity_rank": [np.array([0.0, 0.0, 1.0])]}) == {
+      "identity_accuracy": 0.6667, "identity_mean_rank": 0.333}
+  assert summarize({}) == {}
+
+
+class _FakeEmbedder:
+  """images: a lookup by the image's first pixel value; texts: a lookup by the exact text (KeyError otherwise).
+  Records every texts() call."""
+
+  def __init__(self, image_table, text_table=None):
+    self.image_table, self.text_table, self.text_calls = image_table, text_table or {}, []
+
+  def images(self, images):
+    return np.stack([self.image_table[int(np.asarray(img)[0, 0, 0])] for img in images])
+
+  def texts(self, texts):
+    self.text_calls.append(list(texts))
+    return np.stack([self.text_table[t] for t in texts])
+
+
+def _flat(value):
+  return np.full((8, 8, 3), value, np.uint8)
+
+
+def _scorer(clip, dino=None):
+  import ml_collections as mlc
+  from suti.eval.scoring import Scorer
+  eval_cfg = mlc.ConfigDict({"near_copy_pixel_threshold": 10.0, "near_copy_clip_threshold": 0.9})
+  return Scorer(clip, dino, eval_cfg, mlc.ConfigDict({"identity_candidates": 0, "distractor_references": 1}), 8)
+
+
+def test_scorer_score_on_hand_made_embeddings():
+  from suti.eval.benchmark import BenchmarkSubject
+  from suti.eval.scoring import SubjectReference
+  e = np.eye(3)
+  d, f = _unit([2, 1, 0]), _unit([1, 2, 0])  # cosines to e0, e1: (2, 1)/sqrt5 and (1, 2)/sqrt5
+  # A is the demo itself (pixel 100); B has the demo's CLIP embedding but other pixels; C is 4 levels off the
+  # demo (a pixel copy, CLIP-orthogonal); E is exactly at the pixel threshold (10 levels: not "below").
+  table = {100: e[0], 200: e[0], 104: e[2], 0: d, 110: f}
+  beach, snow = "a teapot on the beach", "a teapot in the snow"
+  clip = _FakeEmbedder(table, {beach: e[0], snow: e[1]})  # only token-free prompts are known
+  subject = BenchmarkSubject("teapot", "teapot", "sks", [], [])
+  ref = SubjectReference(subject, clip_real=e[[0, 2]], dino_real=e[[1]], demo_pixels=[_flat(100)],
+                         demo_clip=e[[0]], candidates=[e[[0]], e[[1]], e[[2]]])
+  images = np.stack([_flat(v) for v in (100, 200, 104, 0, 110)])
+  prompts = ["a sks teapot on the beach", "a sks teapot in the snow", "a sks teapot in the snow",
+             "a sks teapot on the beach", "a sks teapot on the beach"]
+  r5 = 1 / np.sqrt(5)
+  scorer = _scorer(clip, dino=_FakeEmbedder(table))
+  out = scorer.score(ref, images, prompts)
+  assert set(out) == {"clip_i", "clip_t", "dino", "near_copy", "identity_rank"}  # not a toy subject: no context
+  assert all(v.shape == (5,) for v in out.values())
+  np.testing.assert_allclose(out["clip_i"], [0.5, 0.5, 0.5, r5, r5 / 2], atol=1e-12)  # mean cosine to e0, e2
+  np.testing.assert_allclose(out["clip_t"], [1, 0, 0, 2 * r5, r5], atol=1e-12)
+  np.testing.assert_allclose(out["dino"], [0, 0, 0, r5, 2 * r5], atol=1e-12)
+  np.testing.assert_array_equal(out["near_copy"], [1, 1, 1, 0, 0])
+  # candidates e0 (true), e1, e2; C ties e1 with the truth (counts against it) and loses to e2
+  np.testing.assert_array_equal(out["identity_rank"], [0, 0, 2, 0, 1])
+  assert summarize({k: [v] for k, v in out.items()})["identity_accuracy"] == 0.6
+  # the text embeddings are computed once per distinct token-free prompt, then cached by the scorer
+  assert clip.text_calls == [[snow, beach]]
+  scorer.score(ref, images, prompts[::-1])
+  assert clip.text_calls == [[snow, beach]]
+  # without DINO and candidates those metrics are absent
+  ref.candidates = []
+  assert set(_scorer(clip).score(ref, images, prompts)) == {"clip_i", "clip_t", "near_copy"}
+  with pytest.raises(ValueError, match="5 images for 4 prompts"):
+    _scorer(clip).score(ref, images, prompts[:4])
+
+
+def test_scorer_context_accuracy_on_a_toy_subject():
+  from suti.eval.benchmark import BenchmarkSubject
+  from suti.eval.scoring import SubjectReference
+  words = ("beach", "grass", "snow", "night", "sky", "ocean", "city", "room")
+  assert words == tw.BACKGROUNDS
+  e = np.eye(len(words))
+
+  class BackgroundText(_FakeEmbedder):  # a text embeds as the one background word it names
+    def texts(self, texts):
+      self.text_calls.append(list(texts))
+      return np.stack([e[[w in t.split() for w in words].index(True)] for t in texts])
+
+  # images 10*(i+1) "show" background i
+  clip = BackgroundText({10 * (i + 1): e[i] for i in range(len(words))})
+  subject = BenchmarkSubject("ball-red-plain", "ball", "sks", [], [])
+  ref = SubjectReference(subject, clip_real=e[[0]], dino_real=None, demo_pixels=[_flat(255)], demo_clip=e[[7]],
+                         toy=toy_truth.toy_subject("ball-red-plain", "ball"))
+  prompts = ["a sks ball on the beach", "a sks ball in the snow", "a sks ball at night", "a sks ball in a room"]
+  images = np.stack([_flat(v) for v in (10, 20, 40, 70)])  # beach, grass, night, city
+  out = _scorer(clip).score(ref, images, prompts)
+  assert set(out) == {"clip_i", "clip_t", "near_copy", "context_ok"}
+  np.testing.assert_array_equal(out["context_ok"], [1, 0, 1, 0])
+  np.testing.assert_array_equal(out["clip_t"], [1, 0, 1, 0])
+  np.testing.assert_array_equal(out["clip_i"], [1, 0, 0, 0])
+  np.testing.assert_array_equal(out["near_copy"], [0, 0, 0, 0])
+  assert summarize({k: [v] for k, v in out.items()}) == {
+      "clip_i": 0.25, "clip_t": 0.5, "near_copy_rate": 0.0, "context_accuracy": 0.5}
 
 
 # ---- toy ground truth ------------------------------------------------------------------------------------------
@@ -263,3 +392,11 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
                    "--config.eval.methodz=1"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "unknown config key 'eval.methodz'" in err
+
+
+def test_eval_real_renders_beat_text_only_on_identity(evaluated):
+  """The toy ceiling (the true subject rendered in each prompt's context) is identified more often than what the
+  apprentice draws from the prompt alone, which names the class but not the subject."""
+  _, m = evaluated
+  real, text_only = m["methods"]["real_renders"], m["methods"]["text_only"]
+  assert real["identity_accuracy"] > text_only["identity_accuracy"]

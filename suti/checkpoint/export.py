@@ -27,6 +27,7 @@ import numpy as np
 from suti.diffusion.sample_settings import parse_settings, sample_settings
 from suti.checkpoint.store import checkpoint_config, load_params
 from suti.checkpoint.store import Checkpointer
+from suti.core.errors import run_user_command
 
 
 def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False,
@@ -88,6 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti export"))

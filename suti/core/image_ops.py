@@ -1,6 +1,6 @@
 """Image geometry and value ranges: square crops at the model's resolution, [-1, 1] and back to uint8.
 
-Stored images keep their source resolution (DESIGN.md, Data formats); the loader makes them square here.
+Stored images keep their source resolution; the loader and generation make them square here.
 """
 from __future__ import annotations
 

@@ -16,8 +16,10 @@ SHIPPED_ROOT = os.path.join(_PACKAGE_DIR, "shipped")  # the same folders in a no
 
 def project_roots() -> list[str]:
   """Folders that may hold the shipped configs/ and checkpoints/, in lookup order."""
-  return [root for root in (REPO_ROOT, SHIPPED_ROOT)
-          if os.path.isdir(os.path.join(root, "configs")) or os.path.isdir(os.path.join(root, "checkpoints"))]
+  # A checkout is known by its setup.py: in an installed copy REPO_ROOT is site-packages, whose other packages'
+  # folders must never be taken for ours.
+  roots = [REPO_ROOT] if os.path.isfile(os.path.join(REPO_ROOT, "setup.py")) else []
+  return roots + ([SHIPPED_ROOT] if os.path.isdir(SHIPPED_ROOT) else [])
 
 
 def resolve_path(path: str) -> str:

@@ -40,7 +40,7 @@ OpsStatus = Literal["native", "defined", "present", "no-torch", "no-torchvision"
 
 
 def _op_exists(qualname: str) -> bool:
-  import torch
+  import torch  # lazy: `import suti` must not import torch
 
   namespace, name = qualname.split("::")
   try:
@@ -72,7 +72,7 @@ def ensure_torchvision_ops() -> OpsStatus:
   """
   if importlib.util.find_spec("torch") is None:
     return "no-torch"
-  import torch
+  import torch  # lazy: `import suti` must not import torch
 
   if all(_op_exists(name) for name in TORCHVISION_OP_SCHEMAS):
     return "present"

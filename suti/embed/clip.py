@@ -28,7 +28,7 @@ CHECKPOINT_FILE = "open_clip_model.safetensors"
 
 def register_toy_configs() -> None:
   """Make the toy model names known to open_clip (idempotent)."""
-  import open_clip
+  import open_clip  # lazy: torch / open_clip load only when a CLIP is used
   if TOY_MODEL_NAME not in open_clip.list_models():
     open_clip.add_model_config(CONFIG_DIR)
 
@@ -49,7 +49,7 @@ def load_clip(model_name: str, checkpoint_path: str | None) -> tuple[Any, Callab
   `checkpoint_path` is a local weights file (or a folder holding open_clip_model.safetensors);
   None gives random weights (tests only). Nothing is downloaded.
   """
-  import open_clip
+  import open_clip  # lazy: torch / open_clip load only when a CLIP is used
   register_toy_configs()
   if model_name.replace("/", "-") not in open_clip.list_models():
     raise ValueError(f"unknown open_clip model {model_name!r}")
@@ -71,8 +71,8 @@ def images_to_tensor(model, images: np.ndarray):
   """uint8 [N, H, W, 3] -> the normalised float tensor the model expects, done in torch on the
   batch: resize the shortest side (bicubic, antialiased) and centre-crop, as open_clip's
   inference transform does, without a PIL round trip per image."""
-  import torch
-  import torch.nn.functional as F
+  import torch  # lazy: torch / open_clip load only when a CLIP is used
+  import torch.nn.functional as F  # lazy: torch / open_clip load only when a CLIP is used
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
@@ -92,7 +92,7 @@ def images_to_tensor(model, images: np.ndarray):
 
 def encode_images(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
   """L2-normalised image embeddings [N, D] (float32) of uint8 [N, H, W, 3] images."""
-  import torch
+  import torch  # lazy: torch / open_clip load only when a CLIP is used
   images = np.asarray(images)
   if len(images) == 0:
     return np.zeros((0, model.visual.output_dim), np.float32)
@@ -107,7 +107,7 @@ def encode_images(model, images: np.ndarray, batch_size: int = 256) -> np.ndarra
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str],
                  batch_size: int = 256) -> np.ndarray:
   """L2-normalised text embeddings [N, D] (float32)."""
-  import torch
+  import torch  # lazy: torch / open_clip load only when a CLIP is used
   texts = list(texts)
   if not texts:
     return np.zeros((0, model.text_projection.shape[1] if hasattr(model, "text_projection")

@@ -19,8 +19,8 @@ from suti.core.image_ops import resize_and_crop
 
 def load_timm_vit(model_name: str, checkpoint: str):
   """A timm model without its classifier head, weights from a local file; ValueError when they do not fit."""
-  import timm
-  import torch
+  import timm  # lazy: torch / timm load only when DINO is scored
+  import torch  # lazy: torch / timm load only when DINO is scored
   if not os.path.isfile(checkpoint):
     raise FileNotFoundError(f"DINO checkpoint {checkpoint} does not exist (eval.dino.checkpoint)")
   try:
@@ -28,7 +28,7 @@ def load_timm_vit(model_name: str, checkpoint: str):
   except RuntimeError as err:
     raise ValueError(f"unknown timm model {model_name!r} (eval.dino.model_name): {err}") from None
   if checkpoint.endswith(".safetensors"):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: torch / timm load only when DINO is scored
     state = load_file(checkpoint)
   else:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -61,13 +61,13 @@ class DinoEmbedder:
     self.name = model_name
 
   def _tensor(self, images: Sequence[np.ndarray]):
-    import torch
+    import torch  # lazy: torch / timm load only when DINO is scored
     batch = np.stack([resize_and_crop(np.asarray(i, np.uint8), self.size) for i in images]).astype(np.float32)
     batch = (batch / 255.0 - self.mean) / self.std
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
   def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch / timm load only when DINO is scored
     images = list(images)
     if not images:
       return np.zeros((0, self.model.num_features), np.float32)

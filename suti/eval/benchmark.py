@@ -1,4 +1,4 @@
-"""The DreamBench-shaped benchmark layout that `suti eval` reads (DESIGN.md, Contracts):
+"""The DreamBench-shaped benchmark layout that `suti eval` reads (a contract user scripts rely on):
 
   DIR/prompts.json          {subject: {"class": "ball", "token": "sks", "prompts": ["a sks ball on the beach", ...]}}
   DIR/<subject>/NN.png      3-6 reference images of the subject (.jpg / .jpeg / .webp also read)

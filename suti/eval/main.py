@@ -35,17 +35,21 @@ from suti.core.png import save_png
 from suti.config import load_config, split_overrides
 from suti.eval.report import markdown_table
 from suti.eval import dreambench
+from suti.core.errors import run_user_command
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                      "eval", "toy.py")
+CONFIG = "configs/eval/toy.py"  # load_config resolves it: the working folder, then the shipped configs/
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="suti eval", description=__doc__.splitlines()[0])
-  parser.add_argument("--checkpoint", required=True, help="a SuTI apprentice (suti train workdir or export)")
+  parser.add_argument("--checkpoint", required=True,
+                      help="a SuTI apprentice (suti train workdir or export); "
+                           "a relative path not in the working folder resolves against the shipped checkpoints/")
   parser.add_argument("--benchmark", required=True, help="a DreamBench-shaped folder (prompts.json + subjects)")
   parser.add_argument("--out", required=True, help="output folder for images, metrics.json and the report")
-  parser.add_argument("--config", default=CONFIG, help="evaluation config (default configs/eval/toy.py)")
+  parser.add_argument("--config", default=CONFIG,
+                      help="evaluation config (default configs/eval/toy.py); a relative path "
+                           "not in the working folder resolves against the installed package's configs/")
   parser.add_argument("--no-progress", action="store_true")
   return parser
 
@@ -158,6 +162,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti eval"))

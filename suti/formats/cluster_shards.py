@@ -1,4 +1,5 @@
-"""The clusters format (DESIGN.md): webdataset tars, one sample per cluster, key = cluster id.
+"""The clusters format (between the mining stages and the experts): webdataset tars, one sample per cluster,
+key = cluster id.
 
   <cid>.img_0.png ... <cid>.img_{n-1}.png   images (source resolution)
   <cid>.img_i.txt                            captions
@@ -63,7 +64,7 @@ class ClusterRecord:
             "source_keys": list(self.source_keys), "num_images": len(self.images)}
 
   def members(self) -> list[tuple[str, bytes]]:
-    """The webdataset members of this cluster in the DESIGN.md format."""
+    """The webdataset members of this cluster in the clusters format: img_i.png + img_i.txt, prompts.json, meta.json."""
     cid = self.cluster_id
     out = []
     for i, (image, caption) in enumerate(zip(self.images, self.captions)):
@@ -77,7 +78,7 @@ class ClusterRecord:
 
 def write_cluster_shard(path: str, records: Iterable[ClusterRecord], packed: bool = False) -> int:
   """Writes records (in the given order) to one tar atomically; returns how many. `packed` for the
-  pipeline's intermediate shards, PNG members (the DESIGN.md format) otherwise."""
+  pipeline's intermediate shards, PNG members (the documented clusters format) otherwise."""
   records = list(records)
   if packed:
     index = [{**r.meta_json(), "packed": {"captions": r.captions, "shapes": [list(i.shape) for i in r.images],

@@ -1,4 +1,4 @@
-"""ICL training examples (DESIGN.md, Data formats) and their webdataset shards.
+"""ICL training examples (target + neighbors + meta, the apprentice's training data) and their webdataset shards.
 
 One sample per example, key `<cluster_id>_<n>`:
   <key>.target.png, <key>.target.txt          a kept expert output and the new prompt it renders

@@ -25,11 +25,14 @@ from suti.infer.sampler import Sampler
 from suti.infer.load_model import load_model
 from suti.core.png import save_png
 from suti.viz.contact_sheet import contact_sheet
+from suti.core.errors import run_user_command
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="suti generate", description=__doc__.splitlines()[0])
-  parser.add_argument("--checkpoint", required=True, help="a SuTI apprentice (suti train workdir or export)")
+  parser.add_argument("--checkpoint", required=True,
+                      help="a SuTI apprentice (suti train workdir or export); "
+                           "a relative path not in the working folder resolves against the shipped checkpoints/")
   parser.add_argument("--demo", action="append", default=[], metavar="FILE",
                       help=f"a demonstration image (1 to {MAX_DEMOS}; 3 is standard); repeat the flag")
   parser.add_argument("--demo-caption", action="append", default=None, metavar="TEXT",
@@ -97,6 +100,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti generate"))

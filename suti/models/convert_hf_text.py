@@ -44,7 +44,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
-  import torch
+  import torch  # lazy: torch only to read PyTorch checkpoints
 
   state = torch.load(path, map_location="cpu", weights_only=True)
   return {key: (value.float() if value.dtype == torch.bfloat16 else value).numpy() for key, value in state.items()}

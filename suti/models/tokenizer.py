@@ -86,7 +86,7 @@ class HFTokenizer:
   """A Hugging Face tokenizer from a local folder (never downloads), padded to max_length and truncated."""
 
   def __init__(self, folder: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers only for a Hugging Face tokenizer
 
     self.folder = folder
     try:

@@ -40,7 +40,7 @@ class UNet(nnx.Module):
 
     self.conv_in = conv3x3(config.in_channels, ch[0], dtype=dtype, rngs=rngs)
     self.time_embedding = TimestepEmbedding(ch[0], temb, dtype=dtype, rngs=rngs)
-    # Pooled text added to the time embedding (not in SD; helps small models, see REFERENCES.md).
+    # Pooled text added to the time embedding (not in SD; Imagen-style pooled conditioning, which helps small models).
     self.text_time_embedding = (linear(config.cross_attention_dim, temb, dtype=dtype, rngs=rngs)
                                 if config.text_in_time_embedding else None)
 

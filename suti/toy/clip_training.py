@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from suti.toy import world as tw
-from suti.embed.clip import CHECKPOINT_FILE, CONFIG_DIR, TOY_MODEL_NAME, _preprocess_cfg, encode_images, encode_texts, images_to_tensor, register_toy_configs
+from suti.embed.clip import (CHECKPOINT_FILE, CONFIG_DIR, TOY_MODEL_NAME, _preprocess_cfg, encode_images, encode_texts,
+                             images_to_tensor, register_toy_configs)
 import sys
 from suti.core.errors import run_user_command
 from tqdm import tqdm
@@ -143,9 +144,9 @@ def train(out_dir: str, steps: int, batch_size: int = 128, lr: float = 2e-3, see
           model_name: str = TOY_MODEL_NAME, eval_queries: int = 400,
           image_loss_weight: float = 0.5) -> dict:
   """Train the toy CLIP and save it under `out_dir`; returns the training summary + held-out eval."""
-  import open_clip
-  import torch
-  from safetensors.torch import save_file
+  import open_clip  # lazy: torch only to train the toy CLIP
+  import torch  # lazy: torch only to train the toy CLIP
+  from safetensors.torch import save_file  # lazy: torch only to train the toy CLIP
   if steps < 1 or batch_size < 2:
     raise ValueError("steps must be >= 1 and batch size >= 2")
   if pool_size // 2 < batch_size:

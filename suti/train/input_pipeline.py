@@ -1,6 +1,6 @@
 """Training input: an infinite, deterministic, resumable stream of host-local batches from webdataset shards.
 
-Two kinds of shards (DESIGN.md, Data formats):
+Two kinds of shards (the formats suti.formats writes):
   "pairs": image-text pairs as img2dataset writes them (KEY.jpg|png|webp, KEY.txt, KEY.json with "caption");
   "icl":   SuTI examples, key `<cluster>_<n>`: target.png, target.txt, neighbor_i.png, neighbor_i.txt, meta.json.
 

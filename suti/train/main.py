@@ -14,13 +14,16 @@ from typing import Sequence
 from suti.config import load_config, split_overrides
 from suti.train.distributed import DistributedArgs, initialize
 from suti.train.trainer import train
+from suti.core.errors import run_user_command
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="suti train", description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="config file, e.g. configs/toy.py")
+  parser.add_argument("--config", required=True,
+                      help="config file, e.g. configs/toy.py; a relative path "
+                           "not in the working folder resolves against the installed package's configs/")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, sample grids")
   parser.add_argument("--distributed", action="store_true",
                       help="multi-host: jax.distributed.initialize() with auto-detection (TPU pod, SLURM, MPI)")
@@ -45,6 +48,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from suti.core.errors import run_user_command
-
   sys.exit(run_user_command(main, sys.argv[1:], "suti train"))
