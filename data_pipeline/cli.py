@@ -27,6 +27,7 @@ from suti.core.errors import run_user_command
 from suti.core.shards import list_shards
 from suti.toy import clip_training as toy_clip
 from suti.toy import web as toyweb
+from suti.core.errors import CommandParser
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   """The parser; the toy web / toy CLIP arguments (and their imports of torch) only for their command."""
-  parser = argparse.ArgumentParser(prog="suti data", description="web data pipeline")
+  parser = CommandParser(prog="suti data", description="web data pipeline")
   sub = parser.add_subparsers(dest="command", required=True)
   toyweb_parser = sub.add_parser("toyweb", help="write a synthetic toy web crawl (webdataset shards)")
   clip_parser = sub.add_parser("train-clip", help="train the toy open_clip model")

@@ -20,18 +20,15 @@ import dataclasses
 import json
 import os
 import re
-import tarfile
-import zlib
 from typing import Any, Iterator
 
 import numpy as np
 
 from suti.core.safe_image import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from suti.core.tar_io import safe_member_name
 from suti.core.shards import ARROW_SUFFIXES, PARQUET_SUFFIXES, TAR_SUFFIXES, datasets_arrow_files, is_datasets_folder
+from suti.core.tar_io import MAX_MEMBER_BYTES, iter_tar_samples
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
 IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg", "img")
 CAPTION_COLUMNS = ("caption", "text", "TEXT", "txt")
 URL_COLUMNS = ("url", "URL")
@@ -55,15 +52,6 @@ class RawSample:
 
 # ----------------------------------------------------------------------------------------------
 # Tar members.
-
-def _split_member(name: str) -> tuple[str, str]:
-  """webdataset's rule: key = folder + basename up to its first dot; the rest is the field."""
-  folder, base = os.path.split(name)
-  if "." not in base:
-    return name, ""
-  stem, ext = base.split(".", 1)
-  return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
 
 # ----------------------------------------------------------------------------------------------
 # Turning fields into a sample.
@@ -135,63 +123,17 @@ def _sample_from_tar_fields(key: str, fields: dict[str, bytes], source: str,
 # ----------------------------------------------------------------------------------------------
 # Readers.
 
-def _has_end_marker(path: str, offset: int) -> bool:
-  """tarfile treats a file that stops at a header boundary as a normal end; a complete tar has a
-  zero block there."""
-  with open(path, "rb") as f:
-    f.seek(offset)
-    return f.read(512) == bytes(512)
-
-
 def _iter_tar(path: str, drops: collections.Counter, max_pixels: int) -> Iterator[RawSample]:
-  key: str | None = None
-  fields: dict[str, bytes] = {}
-
-  def flush() -> RawSample | None:
-    return _sample_from_tar_fields(key, fields, path, drops, max_pixels)
-
   try:
-    tar = tarfile.open(path, mode="r|*")
-  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-    del e
+    stream = open(path, "rb")
+  except OSError:
     drops["unreadable_shard"] += 1
     return
-  truncated = True  # until the reader reaches the end-of-archive block
-  end_offset = 0
-  try:
-    with tar:
-      for member in tar:
-        if member.isdir():
-          continue  # folders are not samples
-        name = member.name[2:] if member.name.startswith("./") else member.name
-        if not member.isfile() or not safe_member_name(name):
-          drops["unsafe_member"] += 1
-          continue
-        if member.size > MAX_MEMBER_BYTES:
-          drops["oversized_member"] += 1
-          continue
-        member_key, ext = _split_member(name)
-        if member_key != key:
-          if key is not None:
-            sample = flush()
-            if sample is not None:
-              yield sample
-          key, fields = member_key, {}
-        data = tar.extractfile(member).read()
-        fields.setdefault(ext, data)  # a repeated field keeps its first value
-      end_offset = tar.offset
-    if not path.endswith(".tar") or _has_end_marker(path, end_offset):
-      truncated = False
-  except (tarfile.TarError, OSError, EOFError, zlib.error):
-    # Truncated or corrupt from here on. The members read in full are kept: the sample in
-    # progress is judged on them (it may lack a field), and the lost rest counts as one drop.
-    pass
-  if truncated:
-    drops["truncated_tar"] += 1
-  if key is not None and fields:
-    sample = flush()
-    if sample is not None:
-      yield sample
+  with stream:
+    for key, fields in iter_tar_samples(stream, drops, MAX_MEMBER_BYTES):
+      sample = _sample_from_tar_fields(key, fields, path, drops, max_pixels)
+      if sample is not None:
+        yield sample
 
 
 def _iter_rows(batches: Iterator[Any], path: str, drops: collections.Counter,

@@ -32,6 +32,7 @@ from suti.eval.report import markdown_table
 from suti.core.paths import resolve_path
 from suti.eval.main import evaluate
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 CONFIGS = "configs"  # load_config resolves configs/...: the working folder, then the shipped configs/
 
@@ -115,7 +116,7 @@ img{{image-rendering:pixelated;max-width:100%}}</style></head>
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="suti demo", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti demo", description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="suti_demo", help="output folder (replaced)")
   parser.add_argument("--checkpoint", default="checkpoints/toy_suti",
                       help="the apprentice to evaluate; "

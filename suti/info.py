@@ -4,7 +4,6 @@ Counts come from `jax.eval_shape`, so even SD-1.5-sized models are counted witho
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from suti.models.text_encoder import build_text_encoder
 from suti.models.unet import count_params
 from suti.models.unet_config import UNetConfig
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 
 def _count(tree) -> int:
@@ -54,7 +54,7 @@ def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="suti info", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti info", description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True,
                       help="config file, e.g. configs/toy.py; a relative path "
                            "not in the working folder resolves against the installed package's configs/")

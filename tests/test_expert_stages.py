@@ -22,6 +22,7 @@ from suti.formats import icl_shards
 from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide
 from suti.train.trainer import train
 from suti.core.shards import list_shards
+from suti.viz.contact_sheet import caption_band
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy_icl.py")
 # The trainer's tiny run of test_trainer (the same compiled programs), two steps: the tests are about the pipeline.
@@ -456,4 +457,4 @@ def test_icl_preview_shows_one_row_per_example(main_run):
   path = write_icl_sheet(out, cell=16, gap=2, max_examples=5)
   examples = min(5, len(read_icl(out)["train"]))
   with Image.open(path) as sheet:
-    assert sheet.size[1] == examples * (16 + 2)
+    assert sheet.size[1] == 2 + examples * (16 + caption_band() + 2)  # a prompt under each row

@@ -237,7 +237,7 @@ def test_corrupt_inputs_are_counted_by_reason_and_skipped(tmp_path):
       keys.append(str(batch["keys"][0]))
   assert sorted(keys) == sorted(f"k{i:04d}" for i in (0, 2, 3, 4, 5, 6, 8, 8, 9, 9, 10, 11))
   assert counts == collections.Counter(
-      {"undecodable_image": 1, "missing_caption": 1, "truncated_tar": 1, "corrupt_tar": 1})
+      {"undecodable_image": 1, "missing_caption": 1, "truncated_tar": 1, "unreadable_shard": 1})
 
 
 def test_truncation_between_members_is_counted(tmp_path):

@@ -304,11 +304,12 @@ def test_preview_sheet_shows_one_row_per_cluster(full_run, tmp_path):
   rows = min(len(clusters), 5)
   path = write_cluster_sheet(out, max_clusters=5, max_images=8, cell=16, gap=2)
   sheet = np.asarray(Image.open(path))
-  assert sheet.shape == (rows * 18, 8 * 18, 3)
-  # The first cell is the first cluster's first image, resized; past a cluster's last image the row is white.
+  widest = max(min(len(c.images), 8) for c in clusters[:rows])
+  assert sheet.shape == (2 + rows * 18, 2 + widest * 18, 3)  # gutter 2 around and between 16-pixel tiles
+  # The first tile is the first cluster's first image, resized; past a cluster's last image the row is white.
   first = clusters[0]
   expected = np.asarray(Image.fromarray(first.images[0]).resize((16, 16), Image.NEAREST))
-  assert np.array_equal(sheet[:16, :16], expected)
-  if len(first.images) < 8:
-    assert (sheet[:16, 18 * len(first.images):] == 255).all()
+  assert np.array_equal(sheet[2:18, 2:18], expected)
+  if len(first.images) < widest:
+    assert (sheet[2:18, 2 + 18 * len(first.images):] == 255).all()
   assert write_cluster_sheet(str(tmp_path)) is None  # no clusters, no picture

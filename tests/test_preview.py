@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from suti.viz.sample_grid import (PADDED_DEMO_GRAY, SEPARATOR_COLOR, sample_grid, sample_grid_path,
-                                save_sample_grid, to_uint8)
+from suti.core.image_ops import to_uint8
+from suti.viz.contact_sheet import PADDED_TILE_GRAY as PADDED_DEMO_GRAY
+from suti.viz.contact_sheet import SEPARATOR_COLOR
+from suti.viz.sample_grid import sample_grid, sample_grid_path, save_sample_grid
 
 WHITE = (255, 255, 255)
 

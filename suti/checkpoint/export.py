@@ -17,7 +17,6 @@ so `load_params`, `suti generate`, `suti eval` and `train.init_from` read it lik
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ from suti.diffusion.sample_settings import parse_settings, sample_settings
 from suti.checkpoint.store import checkpoint_config, load_params
 from suti.checkpoint.store import Checkpointer
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 
 def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False,
@@ -73,7 +73,7 @@ def _as_arrays(tree):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="suti export", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti export", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="a suti train workdir, its checkpoints/ or one step")
   parser.add_argument("--out", required=True, help="the folder to write (one step inside)")
   parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")

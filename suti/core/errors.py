@@ -1,6 +1,7 @@
 """User errors: one line on stderr and exit status 2, never a bare traceback (SUTI_DEBUG=1 shows it)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -21,3 +22,11 @@ def run_user_command(fn: Callable[[Sequence[str]], int | None], argv: Sequence[s
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+class CommandParser(argparse.ArgumentParser):
+  """argparse for the `suti` commands: a usage error is a ValueError, so run_user_command prints it as the one
+  line (and exit status 2) every other user error gets, instead of argparse's usage block and SystemExit."""
+
+  def error(self, message: str):
+    raise ValueError(f"{message} (see {self.prog} --help)")

@@ -5,9 +5,12 @@ reproducible (fixed mtime, owner and mode), so a rerun of a stage rewrites ident
 """
 from __future__ import annotations
 
+import collections
 import io
+import os
 import re
 import tarfile
+import zlib
 from typing import BinaryIO, Iterable, Iterator
 
 from suti.core.atomic_io import write_atomically
@@ -59,3 +62,83 @@ def read_tar(path: str) -> Iterator[tuple[str, bytes]]:
       if not safe_member_name(info.name):
         raise ValueError(f"{path}: unsafe tar member name {info.name!r}")
       yield info.name, tar.extractfile(info).read()
+
+
+# ----------------------------------------------------------------------------------------------
+# The one reader of webdataset tars (raw web shards, cluster and ICL shards alike), for any stream.
+
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+  """Records on the TarFile why its last header read ended the archive.
+
+  tarfile takes end-of-data at a header boundary, a short header or a garbled header for a normal end, so a tar
+  cut between two members loses its last samples silently. A complete tar ends in a zero block; this header
+  class lets the reader tell the two apart, for plain and compressed streams and for pipes alike.
+  """
+
+  @classmethod
+  def fromtarfile(cls, tarfile_obj):
+    try:
+      info = super().fromtarfile(tarfile_obj)
+    except tarfile.HeaderError as e:
+      tarfile_obj.suti_end = type(e).__name__
+      raise
+    tarfile_obj.suti_end = None
+    return info
+
+
+def split_member(name: str) -> tuple[str, str]:
+  """webdataset's rule: key = folder + basename up to its first dot; the rest (lower case) is the field."""
+  folder, base = os.path.split(name)
+  if "." not in base:
+    return name, ""
+  stem, ext = base.split(".", 1)
+  return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_tar_samples(stream: BinaryIO, drops: collections.Counter,
+                     max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
+  """(key, {field: bytes}) per sample of a tar stream (plain, gzip, bz2 or xz), members grouped by key in order.
+
+  Never raises for bad data; counts instead: a stream that is not a tar is one "unreadable_shard"; a member that
+  is not a regular file or whose name escapes its folder, "unsafe_member" (folders are skipped uncounted); one
+  over `max_member_bytes`, "oversized_member"; a tar that ends without its end-of-archive block (cut between
+  members, inside one, or damaged) is one "truncated_tar", and the members read in full before the damage are
+  kept: the sample in progress is yielded with the fields it has. A repeated field keeps its first value.
+  """
+  try:
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
+  except (tarfile.TarError, OSError, EOFError, zlib.error):
+    drops["unreadable_shard"] += 1
+    return
+  key: str | None = None
+  fields: dict[str, bytes] = {}
+  complete = False
+  try:
+    with tar:
+      for member in tar:
+        if member.isdir():
+          continue  # folders are not samples
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        if not member.isfile() or not safe_member_name(name):
+          drops["unsafe_member"] += 1
+          continue
+        if member.size > max_member_bytes:
+          drops["oversized_member"] += 1
+          continue
+        member_key, ext = split_member(name)
+        if member_key != key:
+          if key is not None and fields:
+            yield key, fields
+          key, fields = member_key, {}
+        data = tar.extractfile(member).read()
+        fields.setdefault(ext, data)
+      complete = getattr(tar, "suti_end", None) == "EOFHeaderError"  # the zero block, not end-of-data or a garbled header
+  except (tarfile.TarError, OSError, EOFError, zlib.error):
+    pass  # damaged from here on: what was read in full stays
+  if key is not None and fields:
+    yield key, fields
+  if not complete:  # counted once the shard's last sample is out, so a count travels with the batch after it
+    drops["truncated_tar"] += 1

@@ -10,7 +10,6 @@ photos re-encoded losslessly, EXIF rotation applied) and `<out>/prompts.json` wi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from suti.core.safe_image import ImageRejected, decode_image
 from suti.eval.benchmark import IMAGE_EXTENSIONS, PROMPTS_FILE
 from suti.core.png import save_png
 from tqdm import tqdm
+from suti.core.errors import CommandParser
 
 LIVE_CLASSES = ("cat", "dog")  # DreamBench's 9 live subjects; they get the live-subject prompt list
 _PROMPT = re.compile(r"""['"](?P<template>[^'"]*\{0\}[^'"]*\{1\}[^'"]*)['"]\s*\.format""")
@@ -85,7 +85,7 @@ def convert_dreambench(src: str, out: str, token: str = "sks", progress: bool = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="suti eval convert-dreambench", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti eval convert-dreambench", description=__doc__.splitlines()[0])
   parser.add_argument("--src", required=True, help="DreamBench's dataset folder")
   parser.add_argument("--out", required=True, help="the benchmark folder to write")
   parser.add_argument("--token", default="sks", help="identifier token put in the prompts")

@@ -36,12 +36,13 @@ from suti.config import load_config, split_overrides
 from suti.eval.report import markdown_table
 from suti.eval import dreambench
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 CONFIG = "configs/eval/toy.py"  # load_config resolves it: the working folder, then the shipped configs/
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="suti eval", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti eval", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True,
                       help="a SuTI apprentice (suti train workdir or export); "
                            "a relative path not in the working folder resolves against the shipped checkpoints/")

@@ -26,10 +26,11 @@ from suti.infer.load_model import load_model
 from suti.core.png import save_png
 from suti.viz.contact_sheet import contact_sheet
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="suti generate", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti generate", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True,
                       help="a SuTI apprentice (suti train workdir or export); "
                            "a relative path not in the working folder resolves against the shipped checkpoints/")

@@ -30,6 +30,7 @@ from suti.embed.clip import (CHECKPOINT_FILE, CONFIG_DIR, TOY_MODEL_NAME, _prepr
 import sys
 from suti.core.errors import run_user_command
 from tqdm import tqdm
+from suti.core.errors import CommandParser
 
 # ----------------------------------------------------------------------------------------------
 # Training data: toy pairs rendered on the fly.
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m suti.toy.clip_training` = `suti data train-clip`."""
-  parser = argparse.ArgumentParser(prog="suti data train-clip")
+  parser = CommandParser(prog="suti data train-clip")
   add_arguments(parser)
   return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
                           "suti data train-clip")

@@ -33,6 +33,7 @@ import sys
 from suti.core.errors import run_user_command
 from suti.core.png import encode_png
 from tqdm import tqdm
+from suti.core.errors import CommandParser
 
 # Pages come in blocks of 20 with these kinds, shuffled inside the block, so that even a small
 # crawl has every kind in about these proportions.
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m suti.toy.web` = `suti data toyweb`."""
-  parser = argparse.ArgumentParser(prog="suti data toyweb")
+  parser = CommandParser(prog="suti data toyweb")
   add_arguments(parser)
   return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
                           "suti data toyweb")

@@ -6,7 +6,7 @@ Two kinds of shards (the formats suti.formats writes):
 
 The stream of one host, epoch after epoch:
   shards sorted, permuted by rng(seed, epoch); this host takes perm[process_index::process_count]
-  -> raw samples (undecoded bytes, read by webdataset's tar iterators, errors counted and skipped)
+  -> raw samples (undecoded bytes, read by suti.core.tar_io from webdataset's gopen streams, damage counted)
   -> a shuffle buffer driven by rng(seed, epoch, process_index)
   -> decode + resize + crop (bad samples counted by reason and skipped) -> batches.
 
@@ -23,22 +23,20 @@ import json
 import os
 import queue
 import re
-import tarfile
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
-from webdataset import tariterators
 from webdataset.gopen import gopen
 
 from suti.core.safe_image import ImageRejected, decode_image
 from suti.core.shards import TAR_SUFFIXES, list_shards
 from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.models.neighbors import pad_neighbors
+from suti.core.tar_io import iter_tar_samples
 
 KINDS = ("pairs", "icl")
-_TAR_BLOCK = 512
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 _NEIGHBOR_IMAGE = re.compile(r"^neighbor_(\d+)\.(png|jpg|jpeg|webp)$")
 # Distinct streams of the one seed: shard order, shuffle buffer, neighbor choice.
@@ -122,67 +120,17 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Raw samples: webdataset's tar iterators, with every error counted instead of raised.
 
-def _tar_error_reason(exn: Exception) -> str:
-  message = str(exn).lower()
-  if isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message:
-    return "truncated_tar"
-  if isinstance(exn, tarfile.TarError):
-    return "corrupt_tar"
-  if "duplicate file name" in message:
-    return "duplicate_member"
-  return "tar_error"
-
-
-class _EndWatch:
-  """A read-only stream wrapper that notices a tar cut off between two members.
-
-  Python's tarfile takes end-of-file at a header boundary for a normal end, so such a tar loses its last
-  members silently. A complete tar ends in zero blocks: if the reader ran into end-of-file and the last block
-  it saw was not zeros, the archive was cut.
-  """
-
-  def __init__(self, stream: Any):
-    self._stream = stream
-    self._tail = b""
-    self._hit_eof = False
-
-  def read(self, size: int = -1) -> bytes:
-    data = self._stream.read(size)
-    if not data and size != 0:
-      self._hit_eof = True
-    self._tail = (self._tail + data)[-_TAR_BLOCK:]
-    return data
-
-  def cut_at_member_boundary(self) -> bool:
-    return self._hit_eof and len(self._tail) == _TAR_BLOCK and self._tail != bytes(_TAR_BLOCK)
-
-  def __repr__(self) -> str:
-    return f"_EndWatch({self._stream!r})"
-
-
 def _shard_samples(url: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
-  """The raw samples of one shard (dicts of field -> bytes, plus __key__). A shard that cannot be opened is
-  counted as "unreadable_shard"; a truncated or corrupt tar yields what it holds before the damage, and its
-  error reasons are counted once per shard."""
+  """The raw samples of one shard (dicts of field -> bytes, plus __key__), read by the project's one tar reader
+  (suti.core.tar_io) from a local file or webdataset's gopen stream (gs://, pipe:): every damage is counted there."""
   try:
     stream = gopen(url)
   except Exception:  # noqa: BLE001 -- a missing file or a failing pipe: count it, go on
     counters["unreadable_shard"] += 1
     return
-  reasons: set[str] = set()
-
-  def count_and_continue(exn: Exception) -> bool:
-    reasons.add(_tar_error_reason(exn))
-    return True
-
   with contextlib.closing(stream):
-    watched = _EndWatch(stream)
-    files = tariterators.tar_file_expander([dict(url=url, stream=watched)], handler=count_and_continue)
-    yield from tariterators.group_by_keys(files, handler=count_and_continue)
-  if watched.cut_at_member_boundary():
-    reasons.add("truncated_tar")
-  for reason in sorted(reasons):
-    counters[reason] += 1
+    for key, fields in iter_tar_samples(stream, counters):
+      yield {"__key__": key, **fields}
 
 
 def _shuffled(items: Iterable[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:

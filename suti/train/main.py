@@ -15,12 +15,13 @@ from suti.config import load_config, split_overrides
 from suti.train.distributed import DistributedArgs, initialize
 from suti.train.trainer import train
 from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="suti train", description=__doc__.splitlines()[0])
+  parser = CommandParser(prog="suti train", description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True,
                       help="config file, e.g. configs/toy.py; a relative path "
                            "not in the working folder resolves against the installed package's configs/")

@@ -1,6 +1,6 @@
 """Sample-grid pictures for training previews: what the model draws, next to what it was shown.
 
-Apprentice (demos given): one row per example, its K demos, a red separator bar, then the output.
+Drawn by the one drawer, suti.viz.contact_sheet. Apprentice (demos given): one row per example, its K demos, a red separator bar, then the output.
 Base model (no demos): the outputs in a near-square grid. Tiles are upscaled by an integer factor with
 nearest-neighbour, so 16x16 toy images stay sharp and visible.
 
@@ -20,15 +20,10 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from suti.core.png import save_png
 from suti.core.image_ops import to_uint8
-
-BACKGROUND = (255, 255, 255)
-SEPARATOR_COLOR = (220, 40, 40)
-PADDED_DEMO_GRAY = (128, 128, 128)
-CAPTION_COLOR = (0, 0, 0)
+from suti.viz.contact_sheet import contact_sheet
 
 
 def _as_pixels(name: str, images: np.ndarray, ndim: int) -> np.ndarray:
@@ -39,20 +34,6 @@ def _as_pixels(name: str, images: np.ndarray, ndim: int) -> np.ndarray:
     return to_uint8(images)
   except ValueError as error:
     raise ValueError(f"{name}: {error}") from None
-
-
-def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
-  return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-  """`text` on one line, cut with "..." to fit `width` pixels."""
-  text = " ".join(str(text).split())
-  if draw.textlength(text, font=font) <= width:
-    return text
-  while text and draw.textlength(text + "...", font=font) > width:
-    text = text[:-1]
-  return text + "..." if text else ""
 
 
 def _resolve_demo_mask(demos_as_given: np.ndarray, demo_mask) -> np.ndarray:
@@ -87,54 +68,20 @@ def sample_grid(outputs: np.ndarray, demos: np.ndarray | None = None, *, scale: 
     raise ValueError(f"captions must hold one caption per output ({n}), got {len(captions)}")
   if demos is None and demo_mask is not None:
     raise ValueError("demo_mask was given without demos")
-  th, tw = h * scale, w * scale
-
-  font = ImageFont.load_default()
-  caption_h = 0
-  if captions is not None:
-    caption_h = font.getbbox("Ag|")[3] + 2  # bottom of the tallest glyphs, plus a pixel above and below
-
   if demos is None:
     cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    width, height = gutter + cols * (tw + gutter), gutter + rows * (th + caption_h + gutter)
-    places = [((i // cols) * (th + caption_h + gutter) + gutter, (i % cols) * (tw + gutter) + gutter)
-              for i in range(n)]
-    caption_width = max(tw - 4, 0)  # a visible gap between neighbouring tiles' captions
-  else:
-    demos_raw = np.asarray(demos)
-    demos = _as_pixels("demos", demos_raw, 5)
-    if demos.shape[0] != n or demos.shape[2:] != outputs.shape[1:]:
-      raise ValueError(f"demos must be [N,K,H,W,3] with N,H,W = {n},{h},{w}, got shape {demos.shape}")
-    k = demos.shape[1]
-    if k == 0:
-      raise ValueError("demos holds no demo per example; pass demos=None for a base-model grid")
-    keep = _resolve_demo_mask(demos_raw, demo_mask)
-    output_x = gutter + k * (tw + gutter) + separator + gutter
-    width, height = output_x + tw + gutter, gutter + n * (th + caption_h + gutter)
-    places = [(gutter + r * (th + caption_h + gutter), output_x) for r in range(n)]
-    caption_width = width - 2 * gutter
-
-  canvas = np.empty((height, width, 3), np.uint8)
-  canvas[:] = BACKGROUND
-  for r, (y, x) in enumerate(places):
-    canvas[y:y + th, x:x + tw] = _upscale(outputs[r], scale)
-    if demos is None:
-      continue
-    for j in range(k):
-      dx = gutter + j * (tw + gutter)
-      canvas[y:y + th, dx:dx + tw] = _upscale(demos[r, j], scale) if keep[r, j] else PADDED_DEMO_GRAY
-    bar_x = gutter + k * (tw + gutter)
-    canvas[y:y + th, bar_x:bar_x + separator] = SEPARATOR_COLOR
-
-  if captions is not None:
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    for (y, x), caption in zip(places, captions):
-      text_x = x if demos is None else gutter
-      draw.text((text_x, y + th + 1), _fit_text(draw, caption, font, caption_width), fill=CAPTION_COLOR, font=font)
-    canvas = np.array(picture)  # writable, like the caption-free picture
-  return canvas
+    rows = [[list(outputs[start:start + cols])] for start in range(0, n, cols)]
+    tile_captions = None if captions is None else [list(captions[start:start + cols]) for start in range(0, n, cols)]
+    return contact_sheet(rows, tile_captions=tile_captions, scale=scale, gutter=gutter, separator=separator)
+  demos_raw = np.asarray(demos)
+  demos = _as_pixels("demos", demos_raw, 5)
+  if demos.shape[0] != n or demos.shape[2:] != outputs.shape[1:]:
+    raise ValueError(f"demos must be [N,K,H,W,3] with N,H,W = {n},{h},{w}, got shape {demos.shape}")
+  if demos.shape[1] == 0:
+    raise ValueError("demos holds no demo per example; pass demos=None for a base-model grid")
+  keep = _resolve_demo_mask(demos_raw, demo_mask)
+  rows = [[[d if kept else None for d, kept in zip(demos[r], keep[r])], [outputs[r]]] for r in range(n)]
+  return contact_sheet(rows, captions=captions, tile=(h * scale, w * scale), gutter=gutter, separator=separator)
 
 
 def save_sample_grid(path: str, outputs, demos=None, **kw) -> str:
