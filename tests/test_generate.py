@@ -160,3 +160,31 @@ def test_generate_runs_as_a_console_script(checkpoints, demo_files, tmp_path):
                            "--steps", "2", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr
   assert np.asarray(Image.open(tmp_path / "m.png")).shape == (8, 8, 3)
+
+
+def test_sampler_and_guidance_flags_change_the_output(checkpoints, demo_files, tmp_path, capsys):
+  """Same demos, prompt and seed as the default run: each flag reaches the sampler (the summary line says so) and
+  changes the image. The checkpoint's own settings: ddim, text scale 2.25, neighbor scale 2.25."""
+  assert _generate(checkpoints["apprentice"], demo_files, tmp_path / "default.png", "--seed", "1") == 0
+  assert "ddim 3 steps, text scale 2.25, neighbor scale 2.25, seed 1" in capsys.readouterr().out
+  default = np.asarray(Image.open(tmp_path / "default.png"))
+  for flag, value, shown in (("--sampler", "ddpm", "ddpm 3 steps, text scale 2.25, neighbor scale 2.25"),
+                             ("--text-scale", "6", "ddim 3 steps, text scale 6.0, neighbor scale 2.25"),
+                             ("--neighbor-scale", "0", "ddim 3 steps, text scale 2.25, neighbor scale 0.0")):
+    out = tmp_path / f"{flag.strip('-')}.png"
+    assert _generate(checkpoints["apprentice"], demo_files, out, "--seed", "1", flag, value) == 0, flag
+    assert shown in capsys.readouterr().out, flag
+    flagged = np.asarray(Image.open(out))
+    assert flagged.shape == default.shape == (8, 8, 3)
+    assert not np.array_equal(default, flagged), flag
+
+
+def test_unknown_sampler_is_one_line_and_exit_2(checkpoints, demo_files, tmp_path, capsys):
+  try:
+    status = _generate(checkpoints["apprentice"], demo_files, tmp_path / "o.png", "--sampler", "foo")
+  except SystemExit as e:  # argparse's own exit, if the command lets it through
+    status = e.code
+  err = capsys.readouterr().err
+  assert status == 2
+  assert err.count("\n") == 1 and "foo" in err and "--sampler" in err, err
+  assert not os.path.exists(tmp_path / "o.png")
