@@ -14,3 +14,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"suti-test-jax-cache-{os.getuid()}")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+import pytest  # noqa: E402  (after the environment above, which must precede jax)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+  """One local Ray cluster per test process, shared by every test that runs the Ray runner."""
+  import ray  # lazy: only the Ray tests pay for it
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
+  yield
+  ray.shutdown()

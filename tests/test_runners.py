@@ -17,14 +17,6 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "t
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-  import ray
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
-  yield
-  ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def web(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("runners") / "web")
   write_toyweb(out, 40, seed=5, image_size=32, shard_size=60)
@@ -61,13 +53,20 @@ def test_local_workers_and_ray_give_identical_clusters(web, tmp_path, ray_sessio
 
 
 def test_ray_resumes_a_local_run(web, tmp_path, ray_session):
-  """Runs are resumable across runners: tasks done locally are not redone by Ray."""
+  """Runs are resumable across runners: tasks done locally are not redone by Ray, forgotten ones are."""
   config = _config()
   layout = stages.RunLayout(tuple(list_shards(web)), str(tmp_path / "out"))
   run_local(config, layout, progress=False)
   first = _outputs(layout.output_dir)
   markers = sorted(glob.glob(os.path.join(layout.output_dir, "_done", "*", "*.json")))
-  for m in markers[len(markers) // 2:]:  # forget half the work
+  kept, forgotten = markers[:len(markers) // 2], markers[len(markers) // 2:]
+  assert kept and forgotten
+  for m in forgotten:  # forget half the work
     os.remove(m)
+  # A redone task rewrites its marker (a new file by atomic rename): same name, new inode and mtime.
+  stamp = lambda path: (os.stat(path).st_ino, os.stat(path).st_mtime_ns)
+  before = {m: stamp(m) for m in kept}
   run_ray(config, layout, progress=False)
+  assert {m: stamp(m) for m in kept} == before  # finished tasks were not run again
+  assert all(os.path.isfile(m) for m in forgotten)  # forgotten ones were
   assert _outputs(layout.output_dir) == first

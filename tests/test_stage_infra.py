@@ -285,16 +285,12 @@ def test_recompute_on_redoes_that_stage_and_later_ones_only(world, capsys):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-  import ray
+def ray_with_this_module(ray_session):
   import ray.cloudpickle
   ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
-  yield
-  ray.shutdown()
 
 
-def test_ray_runs_accelerator_clusters_as_remote_tasks_with_retries(world, ray_session):
+def test_ray_runs_accelerator_clusters_as_remote_tasks_with_retries(world, ray_with_this_module):
   from data_pipeline.runner_ray import run_ray
   reg = registry(accelerator=True)
   flag(world, "once-c0b")
