@@ -15,6 +15,8 @@ from suti.toy.web import write_toyweb
 from shared_fixtures import TINY_MODEL_OVERRIDES, tiny_config
 from suti.train.metrics_writer import read_metrics
 from suti.train.trainer import NonFiniteLossError, train
+from suti.checkpoint.store import load_params
+from suti.core.tree_paths import flatten_dict
 
 RUN = [("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
        ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1")]
@@ -37,11 +39,45 @@ def _losses(workdir):
   return {m["step"]: m["loss"] for m in read_metrics(workdir)}
 
 
-def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, tmp_path):
-  steps = [("train.steps", "10"), ("train.checkpoint_every", "100")]  # the resume must use the SIGTERM save
-  full = str(tmp_path / "full")
-  train(tiny_config(overrides=RUN + steps + [("data.shards", os.path.join(web, "*.tar"))]), full)
-  expected = _losses(full)
+STEPS = [("train.steps", "10"), ("train.checkpoint_every", "100")]
+
+
+def _data(web):
+  return [("data.shards", os.path.join(web, "*.tar"))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(web, tmp_path_factory):
+  """The reference: 10 steps without a stop; (workdir, {step: loss})."""
+  full = str(tmp_path_factory.mktemp("uninterrupted"))
+  train(tiny_config(overrides=RUN + STEPS + _data(web)), full)
+  return full, _losses(full)
+
+
+def _assert_same_weights(workdir, reference):
+  """Parameters and EMA of the last checkpoints are equal bit for bit."""
+  for prefer_ema in (False, True):
+    ours, ref = (flatten_dict(load_params(w, prefer_ema=prefer_ema)[0]) for w in (workdir, reference))
+    assert ours.keys() == ref.keys()
+    different = [k for k in ref if not np.array_equal(ours[k], ref[k])]
+    assert not different, f"{'EMA' if prefer_ema else 'params'} differ, e.g. {different[:3]}"
+
+
+def _start_run(web, workdir, steps):
+  return subprocess.Popen([sys.executable, "-m", "suti.train.main"] + _cli_args(web, workdir, steps),
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc, workdir, count):
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(_losses(workdir)) >= count:
+      return
+    time.sleep(0.05)
+
+
+def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, uninterrupted, tmp_path):
+  full, expected = uninterrupted  # the resume must use the SIGTERM save: no periodic checkpoint before step 10
   assert sorted(expected) == list(range(1, 11))
   logged = read_metrics(full)
   assert {"loss", "lr", "grad_norm", "img_per_s", "img_per_s_per_device", "tflops_per_device"} <= set(logged[0])
@@ -50,13 +86,8 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, t
 
   # The same run in a subprocess, stopped by SIGTERM once a few steps are logged, then resumed.
   cut = str(tmp_path / "cut")
-  proc = subprocess.Popen([sys.executable, "-m", "suti.train.main"] + _cli_args(web, cut, steps),
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(cut, "metrics.jsonl")) and len(_losses(cut)) >= 5:
-      break
-    time.sleep(0.05)
+  proc = _start_run(web, cut, STEPS)
+  _wait_for_steps(proc, cut, 5)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 143, err
@@ -65,9 +96,32 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, t
   assert 5 <= stopped_at < 10
   assert max(_losses(cut)) == stopped_at
 
-  resumed = train(tiny_config(overrides=RUN + steps + [("data.shards", os.path.join(web, "*.tar"))]), cut)
+  resumed = train(tiny_config(overrides=RUN + STEPS + _data(web)), cut)
   assert resumed.step == 10 and resumed.stopped_by == "done"
   assert _losses(cut) == expected  # every step's loss, bit for bit: same data, same RNG, same weights
+  _assert_same_weights(cut, full)
+
+
+def test_sigkill_resumes_from_the_last_periodic_checkpoint(web, uninterrupted, tmp_path):
+  """No handler runs on SIGKILL: the run restarts from its last periodic checkpoint, drops the metrics lines the
+  killed run logged after it, and from there logs the uninterrupted run's losses; the weights end up equal."""
+  full, expected = uninterrupted
+  every3 = [("train.steps", "10"), ("train.checkpoint_every", "3")]
+  cut = str(tmp_path / "killed")
+  proc = _start_run(web, cut, every3)
+  _wait_for_steps(proc, cut, 8)
+  proc.kill()
+  proc.communicate(timeout=240)
+  assert proc.returncode == -signal.SIGKILL
+  logged_before = [m["step"] for m in read_metrics(cut)]
+  saved = sorted(int(n) for n in os.listdir(os.path.join(cut, "checkpoints")) if n.isdigit())
+  assert saved and max(saved) < max(logged_before) <= 10  # steps logged after the last checkpoint exist
+
+  resumed = train(tiny_config(overrides=RUN + every3 + _data(web)), cut)
+  assert resumed.step == 10 and resumed.stopped_by == "done"
+  assert [m["step"] for m in read_metrics(cut)] == list(range(1, 11))  # truncated to the checkpoint, no repeats
+  assert _losses(cut) == expected
+  _assert_same_weights(cut, full)
 
 
 def _train_two_processes(web, workdir, extra):
