@@ -24,6 +24,9 @@ from suti.train.trainer import train
 from suti.core.shards import list_shards
 from suti.viz.contact_sheet import caption_band
 
+# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_expert_stages")
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy_icl.py")
 # The trainer's tiny run of test_trainer (the same compiled programs), two steps: the tests are about the pipeline.
 BASE_RUN = [("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),

@@ -11,6 +11,9 @@ import pytest
 
 from suti.toy.web import write_toyweb
 
+# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy.py")
 

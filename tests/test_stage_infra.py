@@ -19,6 +19,9 @@ from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
 from data_pipeline.stats import TaskResult, format_summary
 
+# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_stage_infra")
+
 # bucket -> clusters (id, number of images); bucket 2 is empty; bucket 0 is packed, the others PNG shards.
 CLUSTERS = {0: [("c0a", 2), ("c0b", 3)], 1: [("c1a", 2)], 3: [("c3a", 3), ("c3b", 4)]}
 ORDER = ["c0a", "c0b", "c1a", "c3a", "c3b"]

@@ -76,6 +76,7 @@ def _wait_for_steps(proc, workdir, count):
     time.sleep(0.05)
 
 
+@pytest.mark.xdist_group("trainer_resume")  # both compare against one uninterrupted run
 def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, uninterrupted, tmp_path):
   full, expected = uninterrupted  # the resume must use the SIGTERM save: no periodic checkpoint before step 10
   assert sorted(expected) == list(range(1, 11))
@@ -102,6 +103,7 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, u
   _assert_same_weights(cut, full)
 
 
+@pytest.mark.xdist_group("trainer_resume")  # both compare against one uninterrupted run
 def test_sigkill_resumes_from_the_last_periodic_checkpoint(web, uninterrupted, tmp_path):
   """No handler runs on SIGKILL: the run restarts from its last periodic checkpoint, drops the metrics lines the
   killed run logged after it, and from there logs the uninterrupted run's losses; the weights end up equal."""
