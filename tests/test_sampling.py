@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from shared_fixtures import tiny_config
+
 from suti.config import load_config
 from suti.diffusion.guidance import make_guided_denoiser
 from suti.diffusion.schedules import make_schedule
@@ -134,13 +134,13 @@ def test_one_sampling_run_traces_the_neighbor_encoder_once_outside_the_step_loop
 # (guidance settings, the rows guidance stacks in copy-major order as (text_on, neighbors_on), their weights)
 GUIDANCE_LAYOUTS = [
     # The shipped default: equal scales, joint guidance drops e(c,0) (weight exactly 0): two rows.
-    (dict(guidance_mode="joint", text_scale=2.25, neighbor_scale=2.25),
+    ({"guidance_mode": "joint", "text_scale": 2.25, "neighbor_scale": 2.25},
      [(False, False), (True, True)], [1 - 2.25, 2.25]),
     # Separate scales: e(0,0), e(c,0), e(c,n).
-    (dict(guidance_mode="joint", text_scale=3.0, neighbor_scale=2.0),
+    ({"guidance_mode": "joint", "text_scale": 3.0, "neighbor_scale": 2.0},
      [(False, False), (True, False), (True, True)], [1 - 3.0, 3.0 - 2.0, 2.0]),
     # Interleaved with eta = 1: always text guidance, e(0,n) and e(c,n): a row with neighbors but no text.
-    (dict(guidance_mode="interleaved", interleave_eta=1.0, text_scale=3.0, neighbor_scale=2.0),
+    ({"guidance_mode": "interleaved", "interleave_eta": 1.0, "text_scale": 3.0, "neighbor_scale": 2.0},
      [(False, True), (True, True)], [1 - 3.0, 3.0]),
 ]
 
@@ -151,8 +151,10 @@ def test_cached_tokens_are_tiled_and_masked_per_guided_row_like_an_independent_r
   """One guided denoising step of the cached path against references built here without sampling.py's code:
   the demo tokens encoded once, tiled across the guided rows with numpy (row j is example j % B) and masked off on
   the rows without neighbors; the text rows likewise. (1) The UNet receives exactly that batch; (2) the step's
-  output equals the guidance combination of a direct UNet forward on it, and (3) of three per-condition forwards
-  of the plain batch (no tiling at all)."""
+  output equals the guidance combination of a direct UNet forward on it, and (3) of the per-condition forwards of
+  the plain batch (no tiling at all). Measured: tokens bit-equal, (2) and (3) within 5e-6 of outputs of size ~8
+  (asserted 1e-4); tiling with jnp.repeat instead of copies, or not masking the rows without neighbors, is off by
+  0.8 - 3.7. The demos change each example's prediction by 0.44 - 0.80 (asserted > 1e-2)."""
   cfg, model = tiny_apprentice
   graphdef, state = nnx.split(model)
   sample_cfg = _sample_settings(cfg, **settings)
