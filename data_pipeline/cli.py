@@ -31,7 +31,8 @@ from suti.core.errors import CommandParser
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", required=True, help="pipeline config file (configs/pipeline/*.py)")
+  parser.add_argument("--config", required=True, help="pipeline config file (configs/pipeline/*.py); a relative path "
+                      "not in the working folder resolves against the installed package's configs/")
   parser.add_argument("--input", required=True, help="input shards: a folder, a glob, or one file")
 
 
