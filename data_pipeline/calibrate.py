@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import ml_collections as mlc
 import numpy as np
 
-from data_pipeline import urls
-from suti.embed import clip as clip_lib
+from data_pipeline import sources, urls
 from suti.core.shards import list_shards
-from data_pipeline import sources
+from suti.embed import clip as clip_lib
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 

@@ -19,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from suti.formats.cluster_shards import ClusterRecord
-from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide, failing_reasons
-from suti.embed import clip as clip_lib
 from suti.core.image_ops import resize_and_crop
+from suti.embed import clip as clip_lib
+from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide, failing_reasons
+from suti.formats.cluster_shards import ClusterRecord
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 TARGETS_DIR = os.path.join("work", "targets")

@@ -21,12 +21,12 @@ import re
 from typing import Protocol
 
 import numpy as np
+from PIL import Image
 
 from data_pipeline import prompt_templates
-from suti.formats import cluster_shards
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
-from PIL import Image
+from suti.formats import cluster_shards
 
 _FILE_NAME = re.compile(r"^(img|dsc|dscn|dcim|image|photo|pic|p)?[\s_\-]*\d+(\.(jpe?g|png|gif|webp))?$", re.I)
 _WORD = re.compile(r"[a-z]{2,}", re.I)
@@ -121,7 +121,12 @@ class TransformersBackend:
   def __init__(self, captioner_path: str = "", lm_path: str = "", prompts_per_skill: int = 1,
                max_new_tokens: int = 24, seed: int = 0):
     import torch  # lazy: local models only
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer  # lazy: local models only
+    from transformers import (  # lazy: local models only
+      AutoImageProcessor,
+      AutoModelForCausalLM,
+      AutoModelForImageTextToText,
+      AutoTokenizer,
+    )
     self.torch = torch
     self.fallback = TemplateBackend(prompts_per_skill, seed)
     self.prompts_per_skill = prompts_per_skill

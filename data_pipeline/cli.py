@@ -23,11 +23,10 @@ from data_pipeline.preview import write_cluster_sheet, write_icl_sheet
 from data_pipeline.runner_local import run_local
 from data_pipeline.stats import format_summary
 from suti import config as config_lib
-from suti.core.errors import run_user_command
+from suti.core.errors import CommandParser, run_user_command
 from suti.core.shards import list_shards
 from suti.toy import clip_training as toy_clip
 from suti.toy import web as toyweb
-from suti.core.errors import CommandParser
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from suti.formats import cluster_shards
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
 from suti.embed.clip import embed_images, load_clip_from_config
+from suti.formats import cluster_shards
 
 
 @dataclass(frozen=True)

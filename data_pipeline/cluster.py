@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline import urls
-from suti.core import tar_io
-from suti.formats import cluster_shards
+from data_pipeline import sources, urls
 from data_pipeline.stages import Stage, StageContext, Task
 from data_pipeline.stats import TaskResult
+from suti.core import tar_io
 from suti.core.hashing import array_digest, stable_hex, stable_int
-from data_pipeline import sources
+from suti.formats import cluster_shards
 
 
 def stable_hash(text: str) -> int:

@@ -23,28 +23,28 @@ import os
 import time
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
 
-from suti.core import atomic_io
-from suti.formats import cluster_shards
 from data_pipeline.calibrate_targets import reference_scores, targets_dir
+from data_pipeline.stages import Stage, StageContext, Task
+from data_pipeline.stats import TaskResult, filter_counts
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.core import atomic_io
+from suti.core.hashing import file_sha256, stable_seed
 from suti.core.paths import resolve_path
 from suti.embed.clip import load_clip_from_config
-from data_pipeline.stages import Stage, StageContext, Task
-from data_pipeline.stats import TaskResult
-from suti.core.hashing import file_sha256, stable_seed
-from data_pipeline.stats import filter_counts
-from suti.experts.dreambooth import prepare_images
-from safetensors.numpy import save
-from safetensors import safe_open
-from suti.experts.dreambooth import TrainedExpert
-from suti.experts.target_filter import clip_prompt, score_candidates
-from suti.experts.dreambooth import render_prompt
-from suti.formats import icl_shards
-from suti.experts.target_filter import CandidateScores, FilterTally, TargetFilterConfig, decide
-from suti.experts.dreambooth import ExpertTrainer
+from suti.experts.dreambooth import ExpertTrainer, TrainedExpert, expert_token, prepare_images, render_prompt
+from suti.experts.target_filter import (
+  CandidateScores,
+  FilterTally,
+  TargetFilterConfig,
+  clip_prompt,
+  decide,
+  score_candidates,
+)
+from suti.formats import cluster_shards, icl_shards
 from suti.infer.sampler import Sampler
-from suti.checkpoint.store import checkpoint_config, load_params
-from suti.experts.dreambooth import expert_token
 
 EXPERTS_DIR = "experts"
 WEIGHTS_FILE, EXPERT_JSON = "expert.safetensors", "expert.json"

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import ml_collections as mlc
 
-from data_pipeline import stages as stages_lib
 from data_pipeline import registry as registry_lib
+from data_pipeline import stages as stages_lib
 
 # The worker process's own context (set by the pool initializer); each process has its own copy.
 _WORKER_CONTEXT: stages_lib.StageContext | None = None

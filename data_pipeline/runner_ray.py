@@ -18,8 +18,8 @@ from typing import Iterator
 
 import ml_collections as mlc
 
-from data_pipeline import stages as stages_lib
 from data_pipeline import registry as registry_lib
+from data_pipeline import stages as stages_lib
 
 
 class StageWorker:

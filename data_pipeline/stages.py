@@ -35,10 +35,10 @@ import ml_collections as mlc
 from tqdm import tqdm
 
 from data_pipeline import done_markers
-from suti.core import atomic_io
-from suti.formats import cluster_shards
 from data_pipeline.stats import TaskResult, check_balanced, merge_results
+from suti.core import atomic_io
 from suti.core.tree_paths import flatten_dict
+from suti.formats import cluster_shards
 
 STATS_FILE = "stats.json"
 RUN_FILE = "run.json"
@@ -294,7 +294,8 @@ class _Rework:
     """Removes the done-markers of this stage's failed tasks and of its tasks in reworked buckets."""
     markers = done_markers.DoneMarkers(layout.output_dir)
     redo = [t for t, _ in _failures(layout, stage, tasks)]
-    redo += [t for t in tasks if (self.everything or t.index in self.buckets) and markers.is_done(stage.name, t.task_id)]
+    redo += [t for t in tasks
+             if (self.everything or t.index in self.buckets) and markers.is_done(stage.name, t.task_id)]
     for task in redo:
       path = markers.path(stage.name, task.task_id)
       if os.path.exists(path):

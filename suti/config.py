@@ -14,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections as mlc
+
 from suti.core.paths import resolve_path
 from suti.core.tree_paths import flatten_dict
 

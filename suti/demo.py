@@ -24,15 +24,15 @@ import shutil
 import sys
 import time
 from typing import Sequence
+
 from data_pipeline import cli
-from suti.toy.web import write_toyweb
 from suti.config import load_config
-from suti.train.trainer import train
-from suti.eval.report import markdown_table
+from suti.core.errors import CommandParser, run_user_command
 from suti.core.paths import resolve_path
 from suti.eval.main import evaluate
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
+from suti.eval.report import markdown_table
+from suti.toy.web import write_toyweb
+from suti.train.trainer import train
 
 CONFIGS = "configs"  # load_config resolves configs/...: the working folder, then the shipped configs/
 

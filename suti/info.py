@@ -12,11 +12,10 @@ import numpy as np
 from flax import nnx
 
 from suti.config import flatten, load_config, split_overrides
+from suti.core.errors import CommandParser, run_user_command
 from suti.models.text_encoder import build_text_encoder
 from suti.models.unet import count_params
 from suti.models.unet_config import UNetConfig
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
 
 
 def _count(tree) -> int:

@@ -23,11 +23,10 @@ import sys
 from typing import Sequence
 
 import numpy as np
+
+from suti.checkpoint.store import Checkpointer, checkpoint_config, load_params
+from suti.core.errors import CommandParser, run_user_command
 from suti.diffusion.sample_settings import parse_settings, sample_settings
-from suti.checkpoint.store import checkpoint_config, load_params
-from suti.checkpoint.store import Checkpointer
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
 
 
 def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, overwrite: bool = False,

@@ -25,15 +25,14 @@ import warnings
 from typing import Any
 
 import jax
+import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-
-from suti.core.tree_paths import path_names
-from suti.core.tree_paths import flatten_paths
 from jax.experimental import multihost_utils
-import ml_collections as mlc
+
+from suti.core.tree_paths import flatten_paths, path_names
 
 OWN_ITEMS = ("params", "ema", "frozen", "opt_state")  # TrainState fields stored as their own Orbax item
 EXTRA_ITEM = "extra"  # every other leaf of the state

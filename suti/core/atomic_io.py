@@ -1,16 +1,13 @@
 """Atomic files: what makes every stage resumable and idempotent.
 
-A task writes each output under a temporary name and renames it into place (a reader never sees half a
-file), and only then writes its done-marker, which also holds the task's counts. A run killed at any
-point leaves either a finished task (marker present) or one that is redone from scratch; a rerun never
-duplicates output because output names are fixed by the task, not by the order tasks ran in.
+A task writes each output under a temporary name and renames it into place, so a reader never sees half a
+file; a rerun never duplicates output because output names are fixed by the task, not by the order tasks ran in.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import BinaryIO, Callable, Mapping
-
 
 
 def _tmp_name(path: str) -> str:

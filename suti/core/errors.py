@@ -24,6 +24,14 @@ def run_user_command(fn: Callable[[Sequence[str]], int | None], argv: Sequence[s
     return 2
 
 
+def run_parsed_command(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                       run: Callable[[argparse.Namespace], int | None], argv: Sequence[str] | None = None) -> int:
+  """A command's `main`: its arguments on a CommandParser, `run` on them, user errors as one line."""
+  parser = CommandParser(prog=prog)
+  add_arguments(parser)
+  return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv, prog)
+
+
 class CommandParser(argparse.ArgumentParser):
   """argparse for the `suti` commands: a usage error is a ValueError, so run_user_command prints it as the one
   line (and exit status 2) every other user error gets, instead of argparse's usage block and SystemExit."""

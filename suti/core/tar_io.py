@@ -1,7 +1,8 @@
-"""Tar shards: the one rule for member names, the one writer, and the reader of shards this project wrote.
+"""Tar shards: the one rule for member names, the one writer, and the readers.
 
 Member names must stay inside the folder they would be extracted to; written tars are byte-for-byte
-reproducible (fixed mtime, owner and mode), so a rerun of a stage rewrites identical files.
+reproducible (fixed mtime, owner and mode), so a rerun of a stage rewrites identical files. `read_tar` reads a
+tar this project wrote and refuses anything odd; `iter_tar_samples` reads any webdataset tar and counts damage.
 """
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ def iter_tar_samples(stream: BinaryIO, drops: collections.Counter,
           key, fields = member_key, {}
         data = tar.extractfile(member).read()
         fields.setdefault(ext, data)
-      complete = getattr(tar, "suti_end", None) == "EOFHeaderError"  # the zero block, not end-of-data or a garbled header
+      # the zero block, not end-of-data or a garbled header
+      complete = getattr(tar, "suti_end", None) == "EOFHeaderError"
   except (tarfile.TarError, OSError, EOFError, zlib.error):
     pass  # damaged from here on: what was read in full stays
   if key is not None and fields:

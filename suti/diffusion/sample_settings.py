@@ -24,9 +24,6 @@ def sample_settings(section: mlc.ConfigDict | Mapping, overrides: Mapping[str, A
       continue
     if key not in sample_cfg:
       raise ValueError(f"unknown sample setting {key!r}; known: {', '.join(sorted(sample_cfg))}")
-    if isinstance(sample_cfg[key], int) and not isinstance(sample_cfg[key], bool) and isinstance(value, float) \
-        and value.is_integer():
-      value = int(value)  # steps=50.0 from a float-typed caller is 50 steps
     apply_override(sample_cfg, key, value)
   if "sampler" in sample_cfg and sample_cfg.sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sample_cfg.sampler!r}")

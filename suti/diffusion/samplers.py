@@ -22,9 +22,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from suti.diffusion.schedules import Schedule, check_prediction, eps_from_x0, output_to_x0_eps
-from tqdm import tqdm
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 X0Fn = Callable[[jax.Array], jax.Array]

@@ -15,11 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-# open_clip imports torchvision: the shim must be in place first (see suti/core/torch_compat.py).
-from suti.core import torch_compat
+# open_clip imports torchvision: importing any suti module has put the shim in place (suti/__init__.py).
 from suti.core.paths import resolve_path
-
-torch_compat.install()
 
 TOY_MODEL_NAME = "toy-ViT-32"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip_configs")

@@ -1,8 +1,6 @@
-"""The image and text embedders of the metrics, each from a local checkpoint file (nothing is downloaded).
+"""The DINO embedder of the metrics (the DINO score), from a local checkpoint file (nothing is downloaded).
 
-CLIP (CLIP-I, CLIP-T, identity retrieval, context accuracy): any open_clip model by name with a local weights
-file, through open_clip's own loader; the toy CLIP in checkpoints/toy_clip at toy scale, ViT-L/14 or the like for
-DreamBench. DINO (DINO score): a timm ViT (DreamBench uses ViT-S/16 DINO, `vit_small_patch16_224.dino`) with the
+A timm ViT (DreamBench uses ViT-S/16 DINO, `vit_small_patch16_224.dino`) with the
 weights from a local safetensors file or a PyTorch file read with weights_only=True (the original
 dino_deitsmall16_pretrain.pth has timm's parameter names). The embedding is the final CLS token, L2-normalised.
 """
@@ -13,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-import suti  # noqa: F401  (installs the torchvision shim before timm / open_clip import torchvision)
+# timm imports torchvision: importing any suti module has put the shim in place (suti/__init__.py).
 from suti.core.image_ops import resize_and_crop
 
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from suti.core.safe_image import ImageRejected, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

@@ -14,11 +14,13 @@ import json
 import os
 import re
 from typing import Sequence
+
+from tqdm import tqdm
+
+from suti.core.errors import CommandParser
+from suti.core.png import save_png
 from suti.core.safe_image import ImageRejected, decode_image
 from suti.eval.benchmark import IMAGE_EXTENSIONS, PROMPTS_FILE
-from suti.core.png import save_png
-from tqdm import tqdm
-from suti.core.errors import CommandParser
 
 LIVE_CLASSES = ("cat", "dog")  # DreamBench's 9 live subjects; they get the live-subject prompt list
 _PROMPT = re.compile(r"""['"](?P<template>[^'"]*\{0\}[^'"]*\{1\}[^'"]*)['"]\s*\.format""")

@@ -21,22 +21,22 @@ from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
-from suti.core.paths import resolve_path
+
+from suti.config import load_config, split_overrides
+from suti.core.errors import CommandParser, run_user_command
 from suti.core.hashing import stable_seed
-from suti.eval import report as report_lib
-from suti.eval.benchmark import read_benchmark
+from suti.core.paths import resolve_path
+from suti.core.png import save_png
 from suti.embed.clip import ClipEmbedder
 from suti.embed.dino import DinoEmbedder
-from suti.eval.metrics import leave_one_out_cosine
+from suti.eval import dreambench
+from suti.eval import report as report_lib
+from suti.eval.benchmark import read_benchmark
 from suti.eval.methods import MethodRunner
+from suti.eval.metrics import leave_one_out_cosine
+from suti.eval.report import markdown_table
 from suti.eval.scoring import Scorer, summarize
 from suti.infer.load_model import load_model
-from suti.core.png import save_png
-from suti.config import load_config, split_overrides
-from suti.eval.report import markdown_table
-from suti.eval import dreambench
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
 
 CONFIG = "configs/eval/toy.py"  # load_config resolves it: the working folder, then the shipped configs/
 

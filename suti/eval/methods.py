@@ -14,14 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from suti.core.image_ops import resize_and_crop
-from suti.infer.sampler import Sampler
-from suti.core.paths import resolve_path
-from suti.experts.dreambooth import ExpertTrainer
 from suti.checkpoint.store import checkpoint_config, load_params
 from suti.core.hashing import stable_seed
-from suti.experts.dreambooth import prepare_images
-from suti.experts.dreambooth import expert_token, render_prompt
+from suti.core.image_ops import resize_and_crop
+from suti.core.paths import resolve_path
+from suti.experts.dreambooth import ExpertTrainer, expert_token, prepare_images, render_prompt
+from suti.infer.sampler import Sampler
 
 METHODS = ("suti", "text_only", "dreambooth", "copy")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from suti.core.image_ops import resize_and_crop
 from suti.eval import metrics
-from suti.toy import truth as toy_truth
 from suti.eval.benchmark import BenchmarkSubject
 from suti.experts.target_filter import clip_prompt, min_pixel_distance
-from suti.core.image_ops import resize_and_crop
+from suti.toy import truth as toy_truth
 
 PER_IMAGE = ("clip_i", "clip_t", "dino", "near_copy", "identity_rank", "context_ok")
 

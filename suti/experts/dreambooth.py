@@ -28,12 +28,12 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from suti.core.image_ops import resize_and_crop, to_model_range
+from suti.core.tree_paths import flatten_dict
 from suti.diffusion.schedules import make_schedule
 from suti.models import lora as lora_lib
 from suti.models.load_weights import load_weights
-from suti.core.tree_paths import flatten_dict
 from suti.models.model import SuTIModel, null_text
-from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.train.optim import make_optimizer
 from suti.train.step import init_train_state, make_train_step, step_rng
 

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from suti.core import tar_io
+from suti.core.hashing import stable_int
 from suti.core.png import decode_png, encode_png
 from suti.formats.cluster_shards import ClusterRecord
-from suti.core.hashing import stable_int
 
 _MEMBER = re.compile(r"^(?P<key>[^./]+)\.(?P<field>target\.png|target\.txt|meta\.json|"
                      r"neighbor_(?P<index>\d+)\.(?P<ext>png|txt))$")

@@ -54,11 +54,7 @@ def demo_batch(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence
                max_neighbors: int, tokenize: Callable) -> dict[str, np.ndarray]:
   """Per row (one generated image) its demos (uint8 images of any size) and their captions -> the `demos` dict
   of suti.infer.sampling: images float32 [B,K,S,S,3] in [-1,1], ids / text_mask [B,K,L], neighbor_mask [B,K]."""
-  if len(rows) != len(captions):
-    raise ValueError(f"{len(rows)} rows of demos but {len(captions)} rows of captions")
-  for demos, texts in zip(rows, captions):
+  for demos in rows:
     check_demo_count(len(demos), int(max_neighbors))
-    if len(texts) != len(demos):
-      raise ValueError(f"{len(demos)} demos but {len(texts)} demo captions")
   images = [[to_model_range(resize_and_crop(np.asarray(image), int(image_size))) for image in demos] for demos in rows]
   return pad_neighbors(images, captions, num_neighbors=max_neighbors, image_size=image_size, tokenize=tokenize)

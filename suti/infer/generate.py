@@ -18,15 +18,15 @@ import sys
 import time
 from typing import Sequence
 
-from suti.infer.demos import MAX_DEMOS, check_demo_count, default_caption, read_image
-from suti.core.image_ops import resize_and_crop
 from tqdm import tqdm
-from suti.infer.sampler import Sampler
-from suti.infer.load_model import load_model
+
+from suti.core.errors import CommandParser, run_user_command
+from suti.core.image_ops import resize_and_crop
 from suti.core.png import save_png
+from suti.infer.demos import MAX_DEMOS, check_demo_count, default_caption, read_image
+from suti.infer.load_model import load_model
+from suti.infer.sampler import Sampler
 from suti.viz.contact_sheet import contact_sheet
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import ml_collections as mlc
 from flax import nnx
 
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.core.paths import resolve_path
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel
-from suti.core.paths import resolve_path
-from suti.checkpoint.store import checkpoint_config, load_params
 
 KINDS = ("apprentice", "base")
 

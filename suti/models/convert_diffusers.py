@@ -15,11 +15,11 @@ from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
 from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
-from safetensors.numpy import load_file
 
 _SEGMENT_RENAMES = (  # (ours, diffusers) path segments
     (("ff", "proj_in"), ("ff", "net", "0", "proj")),

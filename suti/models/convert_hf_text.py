@@ -16,11 +16,11 @@ from typing import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from suti.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from suti.models.t5 import T5Encoder, T5EncoderConfig
-from safetensors import safe_open
-from safetensors.numpy import load_file
 
 Weights = Mapping[str, np.ndarray]
 Path = tuple  # a path in our module's flat state, e.g. ("layers", 0, "q", "kernel")

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from suti.models.neighbors import is_neighbor_param
 from suti.core.tree_paths import flatten_dict
+from suti.models.neighbors import is_neighbor_param
 
 
 def load_weights(model: nnx.Module, weights: Mapping[str, Any], source: str = "init_from", *,

@@ -23,14 +23,20 @@ import time
 from typing import Sequence
 
 import numpy as np
-
-from suti.toy import world as tw
-from suti.embed.clip import (CHECKPOINT_FILE, CONFIG_DIR, TOY_MODEL_NAME, _preprocess_cfg, encode_images, encode_texts,
-                             images_to_tensor, register_toy_configs)
-import sys
-from suti.core.errors import run_user_command
 from tqdm import tqdm
-from suti.core.errors import CommandParser
+
+from suti.core.errors import run_parsed_command
+from suti.embed.clip import (
+  CHECKPOINT_FILE,
+  CONFIG_DIR,
+  TOY_MODEL_NAME,
+  _preprocess_cfg,
+  encode_images,
+  encode_texts,
+  images_to_tensor,
+  register_toy_configs,
+)
+from suti.toy import world as tw
 
 # ----------------------------------------------------------------------------------------------
 # Training data: toy pairs rendered on the fly.
@@ -263,10 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m suti.toy.clip_training` = `suti data train-clip`."""
-  parser = CommandParser(prog="suti data train-clip")
-  add_arguments(parser)
-  return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
-                          "suti data train-clip")
+  return run_parsed_command("suti data train-clip", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ subject anywhere; the pipeline and the models never see any of this.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
-from suti.toy import world as tw
 from suti.core.hashing import stable_int
 from suti.core.image_ops import resize_and_crop
+from suti.toy import world as tw
 
 
 def toy_subject(name: str, cls: str) -> tw.Subject | None:

@@ -26,14 +26,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from suti.toy import world as tw
-from suti.core.tar_io import write_tar
-import sys
-from suti.core.errors import run_user_command
-from suti.core.png import encode_png
 from tqdm import tqdm
-from suti.core.errors import CommandParser
+
+from suti.core.errors import run_parsed_command
+from suti.core.png import encode_png
+from suti.core.tar_io import write_tar
+from suti.toy import world as tw
 
 # Pages come in blocks of 20 with these kinds, shuffled inside the block, so that even a small
 # crawl has every kind in about these proportions.
@@ -310,10 +308,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m suti.toy.web` = `suti data toyweb`."""
-  parser = CommandParser(prog="suti data toyweb")
-  add_arguments(parser)
-  return run_user_command(lambda a: run(parser.parse_args(a)), sys.argv[1:] if argv is None else argv,
-                          "suti data toyweb")
+  return run_parsed_command("suti data toyweb", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

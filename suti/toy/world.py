@@ -14,6 +14,7 @@ import dataclasses
 import re
 
 import numpy as np
+
 from suti.core.hashing import stable_int
 
 # Shapes are named as object classes; each is drawn from an implicit function on [-1, 1]^2.

@@ -30,11 +30,11 @@ import braceexpand
 import numpy as np
 from webdataset.gopen import gopen
 
+from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.core.safe_image import ImageRejected, decode_image
 from suti.core.shards import TAR_SUFFIXES, list_shards
-from suti.core.image_ops import resize_and_crop, to_model_range
-from suti.models.neighbors import pad_neighbors
 from suti.core.tar_io import iter_tar_samples
+from suti.models.neighbors import pad_neighbors
 
 KINDS = ("pairs", "icl")
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")

@@ -12,10 +12,9 @@ import sys
 from typing import Sequence
 
 from suti.config import load_config, split_overrides
+from suti.core.errors import CommandParser, run_user_command
 from suti.train.distributed import DistributedArgs, initialize
 from suti.train.trainer import train
-from suti.core.errors import run_user_command
-from suti.core.errors import CommandParser
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from suti.core.tree_paths import path_string
 

@@ -29,22 +29,22 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from suti.checkpoint.store import Checkpointer, load_params
 from suti.diffusion.schedules import make_schedule
+from suti.infer.sampling import make_sample_fn
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text
 from suti.train import mesh as mesh_lib
-from suti.checkpoint.store import Checkpointer, load_params
 from suti.train.input_pipeline import InputPosition, TrainInput
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
 from suti.train.preemption import PreemptionWatcher
 from suti.train.sharding import describe, tree_shardings
 from suti.train.step import TrainState, init_train_state, make_train_step, split_model, step_rng
-from jax.experimental import multihost_utils
-from suti.infer.sampling import make_sample_fn
 from suti.viz.sample_grid import sample_grid, sample_grid_path, save_sample_grid
-from tqdm import tqdm
 
 
 class NonFiniteLossError(ValueError):

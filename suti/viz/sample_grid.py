@@ -1,6 +1,7 @@
 """Sample-grid pictures for training previews: what the model draws, next to what it was shown.
 
-Drawn by the one drawer, suti.viz.contact_sheet. Apprentice (demos given): one row per example, its K demos, a red separator bar, then the output.
+Drawn by the one drawer, suti.viz.contact_sheet. Apprentice (demos given): one row per example, its K demos,
+a red separator bar, then the output.
 Base model (no demos): the outputs in a near-square grid. Tiles are upscaled by an integer factor with
 nearest-neighbour, so 16x16 toy images stay sharp and visible.
 
@@ -21,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from suti.core.png import save_png
 from suti.core.image_ops import to_uint8
+from suti.core.png import save_png
 from suti.viz.contact_sheet import contact_sheet
 
 
