@@ -3,10 +3,16 @@
 The flag must be set before jax initialises its backend, hence here and not inside a test. A value already in
 XLA_FLAGS wins.
 """
+import fcntl
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Compiling dominates a cold run of the suite (tiny models, few steps): XLA:CPU's LLVM backend at -O0 compiles
+# the tiny train step about 30% faster and runs it slower; a test that runs hundreds of steps compiles its own
+# step at level 3 (jax.jit compiler_options). Tests only: the project itself keeps XLA's defaults.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0"
 
 # Many tests (and the trainer's subprocesses) compile the same tiny train step: a persistent compilation cache
 # shared by the whole session compiles each distinct program once. Tests that need a cold compile do not exist.
@@ -19,6 +25,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402  (after the environment above, which must precede jax)
 
 
+def pytest_collection_modifyitems(items):
+  """The files that cost the most run first (`pytestmark = pytest.mark.costly(seconds=...)`, measured with
+  --durations): `--dist loadfile` hands whole files to the workers in this order, so the long ones start at once
+  and the short ones fill the gaps. Within a file the order stays as written."""
+  def seconds(item):
+    mark = item.get_closest_marker("costly")
+    return mark.kwargs.get("seconds", 0) if mark else 0
+  cost = {}
+  for item in items:
+    cost[item.path] = max(cost.get(item.path, 0), seconds(item))
+  items.sort(key=lambda item: -cost[item.path])
+
+
 @pytest.fixture(scope="session")
 def ray_session():
   """One local Ray cluster per test process, shared by every test that runs the Ray runner."""
@@ -26,3 +45,20 @@ def ray_session():
   ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
   yield
   ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_run(tmp_path_factory) -> str:
+  """One tiny base model trained by `suti train` (3 steps, checkpoint at step 3, EMA) for the whole test run:
+  the workdir that the export, apprentice-initialisation and experts tests read (never write).
+
+  Under xdist every worker asks for it: the first builds it under a file lock in the run's shared temp folder,
+  the others wait and reuse it."""
+  from shared_fixtures import tiny_base_workdir
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this run
+  with open(root / "tiny_base.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return tiny_base_workdir(str(root / "tiny_base"))

@@ -91,3 +91,24 @@ def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, see
       return np.asarray(leaf)
     weights = jax.tree_util.tree_map_with_path(perturb, weights)
   return save_weights(out_dir, 1, weights, {"config": json.loads(cfg.to_json_best_effort())})
+
+
+TINY_BASE_RUN = (("train.steps", "3"), ("train.checkpoint_every", "3"), ("train.batch_size", "8"),
+                 ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
+                 ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1"))
+
+
+def tiny_base_workdir(workdir: str) -> str:
+  """`workdir` holding a finished tiny base run (made on the first call, reused after): a 6-page toy web and
+  3 training steps of tiny_config. The conftest's `tiny_base_run` fixture shares it across test files."""
+  from suti.toy.web import write_toyweb
+  from suti.train.trainer import train
+
+  done = os.path.join(workdir, "DONE")
+  if not os.path.exists(done):
+    web = os.path.join(workdir, "web")
+    write_toyweb(web, pages=6, seed=0, image_size=16, benchmark_per_class=0)
+    train(tiny_config(overrides=list(TINY_BASE_RUN) + [("data.shards", os.path.join(web, "*.tar"))]),
+          os.path.join(workdir, "run"), progress=False)
+    open(done, "w").close()
+  return os.path.join(workdir, "run")

@@ -2,8 +2,12 @@
 import json
 import os
 
+import pytest
+
 from shared_fixtures import write_tiny_checkpoint
 from suti import cli
+
+pytestmark = pytest.mark.costly(seconds=80)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 
 def test_demo_runs_the_whole_loop_and_prints_the_report_last(tmp_path, capsys):

@@ -16,22 +16,15 @@ from data_pipeline import stages
 from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
 from suti.toy.web import write_toyweb
-from shared_fixtures import tiny_config
 from suti.config import load_config
 from suti.formats import icl_shards
 from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide
-from suti.train.trainer import train
 from suti.core.shards import list_shards
 from suti.viz.contact_sheet import caption_band
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_expert_stages")
+pytestmark = pytest.mark.costly(seconds=115)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy_icl.py")
-# The trainer's tiny run of test_trainer (the same compiled programs), two steps: the tests are about the pipeline.
-BASE_RUN = [("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
-            ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1"),
-            ("train.steps", "2"), ("train.checkpoint_every", "2")]
 SEEDS_PER_PROMPT = 2
 PROMPTS_PER_CLUSTER = 5  # one prompt per skill
 # Toy web seed 1, 8 pages: 4 clusters over 2 buckets, one of them a validation cluster at val_percent 30.
@@ -53,10 +46,8 @@ def web(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(web, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("expert_base"))
-  train(tiny_config(overrides=BASE_RUN + [("data.shards", os.path.join(web, "*.tar"))]), workdir)
-  return workdir
+def base(tiny_base_run):
+  return tiny_base_run  # the tests are about the pipeline: any trained tiny base will do
 
 
 def make_config(base: str, overrides=()):

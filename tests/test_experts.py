@@ -17,8 +17,7 @@ from suti.infer.sampler import Sampler
 from suti.models.model import SuTIModel
 from shared_fixtures import CONFIGS, tiny_config
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_experts")
+pytestmark = pytest.mark.costly(seconds=75)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 SUBJECT = tw.Subject("ball", "red", "stripes", "white")
 OTHER = tw.Subject("box", "blue", "dots", "yellow")  # another cluster, for the identity check

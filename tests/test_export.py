@@ -3,25 +3,17 @@ import os
 
 import numpy as np
 
-from suti.toy.web import write_toyweb
-from shared_fixtures import tiny_config
 from suti import cli
 from suti.core.tree_paths import flatten_dict
 from suti.checkpoint.store import load_params
-from suti.train.trainer import train
 
 
 def _size(path):
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def test_export_keeps_the_ema_weights_exactly_and_drops_the_rest(tmp_path, capsys):
-  web = str(tmp_path / "web")
-  write_toyweb(web, pages=6, seed=0, image_size=16, benchmark_per_class=0)
-  run = str(tmp_path / "run")
-  train(tiny_config(overrides=[("train.steps", "3"), ("train.batch_size", "8"), ("train.sample_every", "0"),
-                               ("train.checkpoint_every", "3"), ("data.shards", os.path.join(web, "*.tar"))]), run,
-        progress=False)
+def test_export_keeps_the_ema_weights_exactly_and_drops_the_rest(tiny_base_run, tmp_path, capsys):
+  run = tiny_base_run  # 3 steps, checkpoint at 3: read, never written
   out = str(tmp_path / "export")
   assert cli.main(["export", "--checkpoint", run, "--out", out]) == 0
   assert "suti export:" in capsys.readouterr().out

@@ -13,6 +13,8 @@ from suti import cli
 from suti.infer import demos as demos_lib
 from suti.viz.contact_sheet import contact_sheet
 
+pytestmark = pytest.mark.costly(seconds=120)  # cold-cache seconds, from --durations: costly files start first (conftest)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

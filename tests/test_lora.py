@@ -12,8 +12,7 @@ from suti.models.lora import LoRAConv, LoRALinear, LoRASpec, add_lora, lora_weig
 from suti.models.unet import UNet
 from shared_fixtures import tiny_unet_config
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_lora")
+pytestmark = pytest.mark.costly(seconds=30)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 # The tiny UNet: down_blocks.0 (ResNet + strided downsampler, no attention), down_blocks.1 (attention),
 # mid_block (attention), up_blocks.0 (attention + upsampler), up_blocks.1 (ResNets only).

@@ -14,6 +14,8 @@ from suti.models.model import SuTIModel
 from suti.train.optim import learning_rate_schedule, make_optimizer
 from suti.train.step import build_trainer
 
+pytestmark = pytest.mark.costly(seconds=110)  # cold-cache seconds, from --durations: costly files start first (conftest)
+
 
 def _train_cfg(**changes):
   cfg = tiny_config(overrides=[("train.lr", "0.1"), ("train.warmup_steps", "0"), ("train.steps", "10")])

@@ -11,8 +11,7 @@ import pytest
 
 from suti.toy.web import write_toyweb
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_resume")
+pytestmark = pytest.mark.costly(seconds=65)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy.py")

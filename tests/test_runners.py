@@ -13,8 +13,7 @@ from suti.toy.web import write_toyweb
 from suti.config import load_config
 from suti.core.shards import list_shards
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_runners")
+pytestmark = pytest.mark.costly(seconds=75)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 

@@ -15,8 +15,7 @@ from suti.train.sharding import path_string
 from suti.train.step import make_train_step, split_model, step_rng
 from suti.train.trainer import compile_step, sharded_train_state
 
-# Module fixtures here are costly: one worker builds them once (`--dist loadgroup`, pytest.ini).
-pytestmark = pytest.mark.xdist_group("test_sharded_step")
+pytestmark = pytest.mark.costly(seconds=315)  # cold-cache seconds, from --durations: costly files start first (conftest)
 
 OVERRIDES = [("mesh.fsdp_min_size", "256"), ("train.warmup_steps", "0"), ("train.ema_decay", "0.9")]
 LR = 0.5

@@ -18,6 +18,8 @@ from suti.train.trainer import NonFiniteLossError, train
 from suti.checkpoint.store import load_params
 from suti.core.tree_paths import flatten_dict
 
+pytestmark = pytest.mark.costly(seconds=345)  # cold-cache seconds, from --durations: costly files start first (conftest)
+
 RUN = [("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
        ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1")]
 
@@ -76,7 +78,6 @@ def _wait_for_steps(proc, workdir, count):
     time.sleep(0.05)
 
 
-@pytest.mark.xdist_group("trainer_resume")  # both compare against one uninterrupted run
 def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, uninterrupted, tmp_path):
   full, expected = uninterrupted  # the resume must use the SIGTERM save: no periodic checkpoint before step 10
   assert sorted(expected) == list(range(1, 11))
@@ -103,7 +104,6 @@ def test_sigterm_then_resume_logs_the_same_losses_as_an_uninterrupted_run(web, u
   _assert_same_weights(cut, full)
 
 
-@pytest.mark.xdist_group("trainer_resume")  # both compare against one uninterrupted run
 def test_sigkill_resumes_from_the_last_periodic_checkpoint(web, uninterrupted, tmp_path):
   """No handler runs on SIGKILL: the run restarts from its last periodic checkpoint, drops the metrics lines the
   killed run logged after it, and from there logs the uninterrupted run's losses; the weights end up equal."""
@@ -175,7 +175,7 @@ def test_a_nan_stops_the_run_and_names_the_step(web, tmp_path):
   assert all(np.isfinite(m["loss"]) for m in logged)
 
 
-def test_apprentice_starts_from_a_base_run(web, tmp_path):
+def test_apprentice_starts_from_a_base_run(tiny_base_run, tmp_path):
   """A toy apprentice initialised from a base workdir: base weights loaded, neighbor layers fresh; it trains on
   ICL shards and draws its preview grid."""
   from flax import nnx
@@ -184,8 +184,7 @@ def test_apprentice_starts_from_a_base_run(web, tmp_path):
   from suti.checkpoint.store import load_params
   from suti.train.trainer import build_model
 
-  base_dir = str(tmp_path / "base")
-  train(tiny_config(overrides=RUN + [("train.steps", "2"), ("data.shards", os.path.join(web, "*.tar"))]), base_dir)
+  base_dir = tiny_base_run
   weights, _ = load_params(base_dir)
   cfg = tiny_config("toy_suti.py", [("train.init_from", base_dir)])
   model = build_model(cfg)

@@ -101,13 +101,28 @@ class CorruptCheckpoint(Exception):
   """A step directory whose metadata or data cannot be read."""
 
 
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def _leaf_handlers(replica_parallel: bool) -> Any:
+  """Orbax's standard leaf handlers, with replica-parallel array writes only when several processes share them.
+
+  Replica-parallel saving splits every replicated array into one slice per device so that hosts write different
+  parts. In one process that buys nothing and costs one small device op per array and device (a compile per new
+  slice shape): the toy apprentice's state on 8 CPU devices saves in 25.8 s that way, 2.9 s whole
+  (benchmarks/checkpoint_save.py). Orbax's own default turns it off only on GPU platforms.
+  """
+  th = ocp.type_handlers
+  scalar = th.ScalarHandler()
+  return th.create_type_handler_registry(
+      (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar), (np.ndarray, th.NumpyHandler()),
+      (jax.Array, th.ArrayHandler(use_replica_parallel=replica_parallel)), (str, th.StringHandler()))
+
+
+def _handler_registry(replica_parallel: bool) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """Every item this module writes, known up front: a restarted run restores before it ever saves."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   for name in OWN_ITEMS + (EXTRA_ITEM,):
-    handler = ocp.StandardCheckpointHandler()
-    registry.add(name, ocp.args.StandardSave, handler)
-    registry.add(name, ocp.args.StandardRestore, handler)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_leaf_handlers(replica_parallel))
+    registry.add(name, ocp.args.PyTreeSave, handler)
+    registry.add(name, ocp.args.PyTreeRestore, handler)
   json_handler = ocp.JsonCheckpointHandler()
   registry.add(META_ITEM, ocp.args.JsonSave, json_handler)
   registry.add(META_ITEM, ocp.args.JsonRestore, json_handler)
@@ -117,7 +132,9 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 class Checkpointer:
   """Saves and restores the trainer's state under `directory` (= <workdir>/checkpoints)."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, replica_parallel: bool | None = None):
+    """replica_parallel: write replicated arrays in slices spread over their replicas (None: only when several
+    processes run, where it spreads the writing over hosts)."""
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
@@ -125,7 +142,8 @@ class Checkpointer:
     # run removes it (Orbax never lists it as a step).
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry(
+        jax.process_count() > 1 if replica_parallel is None else replica_parallel))
     self._barriers = 0  # Orbax barrier names must be unique
 
   # ---- saving
@@ -150,7 +168,7 @@ class Checkpointer:
       self._manager.delete(step)
     where, leaves, _ = _leaf_paths(state)
     items = _nest(where, [_host_value(leaf) for leaf in leaves])
-    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args = {name: ocp.args.PyTreeSave(tree) for name, tree in items.items()}
     args[META_ITEM] = ocp.args.JsonSave(dict(meta))
     # force: the trainer decides when to save, not Orbax's save-interval policy.
     self._manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -209,7 +227,8 @@ class Checkpointer:
                          f"(it holds {sorted(saved)}); was it written by another kind of run?")
       for name, abstract in abstract_items.items():
         _check_matches(step, name, saved[name], abstract)
-      args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+      args = {name: ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+              for name, tree in abstract_items.items()}
       args[META_ITEM] = ocp.args.JsonRestore()
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       meta = restored[META_ITEM]
