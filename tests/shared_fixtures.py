@@ -93,9 +93,10 @@ def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, see
   return save_weights(out_dir, 1, weights, {"config": json.loads(cfg.to_json_best_effort())})
 
 
-TINY_BASE_RUN = (("train.steps", "3"), ("train.checkpoint_every", "3"), ("train.batch_size", "8"),
-                 ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
-                 ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1"))
+# The trainer tests' run settings (batch 8, a metrics line per step, no preview samples, a small shuffle buffer).
+TINY_RUN = (("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
+            ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1"))
+TINY_BASE_RUN = TINY_RUN + (("train.steps", "3"), ("train.checkpoint_every", "3"))
 
 
 def tiny_base_workdir(workdir: str) -> str:

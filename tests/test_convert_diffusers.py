@@ -10,7 +10,7 @@ import suti.core.torch_compat  # noqa: F401  (before diffusers: see suti/core/to
 from suti.models.convert_diffusers import convert_diffusers_unet, load_diffusers_unet, unet_config_from_diffusers
 from suti.models.unet import UNet
 
-pytestmark = pytest.mark.costly(seconds=45)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=45)  # cold seconds (--durations): costly files start first
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -7,7 +7,7 @@ import pytest
 from shared_fixtures import write_tiny_checkpoint
 from suti import cli
 
-pytestmark = pytest.mark.costly(seconds=80)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=80)  # cold seconds (--durations): costly files start first
 
 
 def test_demo_runs_the_whole_loop_and_prints_the_report_last(tmp_path, capsys):

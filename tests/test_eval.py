@@ -16,7 +16,7 @@ from suti.toy import truth as toy_truth
 from suti.eval.benchmark import read_benchmark
 from suti.eval.dreambench import convert_dreambench, parse_prompts_and_classes
 
-pytestmark = pytest.mark.costly(seconds=80)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=80)  # cold seconds (--durations): costly files start first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DREAMBENCH = os.path.join(os.path.dirname(ROOT), "shared", "dreambench")

@@ -22,7 +22,7 @@ from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterCon
 from suti.core.shards import list_shards
 from suti.viz.contact_sheet import caption_band
 
-pytestmark = pytest.mark.costly(seconds=115)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=115)  # cold seconds (--durations): costly files start first
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy_icl.py")
 SEEDS_PER_PROMPT = 2

@@ -17,7 +17,7 @@ from suti.infer.sampler import Sampler
 from suti.models.model import SuTIModel
 from shared_fixtures import CONFIGS, tiny_config
 
-pytestmark = pytest.mark.costly(seconds=75)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=75)  # cold seconds (--durations): costly files start first
 
 SUBJECT = tw.Subject("ball", "red", "stripes", "white")
 OTHER = tw.Subject("box", "blue", "dots", "yellow")  # another cluster, for the identity check

@@ -13,7 +13,7 @@ from suti import cli
 from suti.infer import demos as demos_lib
 from suti.viz.contact_sheet import contact_sheet
 
-pytestmark = pytest.mark.costly(seconds=120)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=120)  # cold seconds (--durations): costly files start first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ from suti.models.lora import LoRAConv, LoRALinear, LoRASpec, add_lora, lora_weig
 from suti.models.unet import UNet
 from shared_fixtures import tiny_unet_config
 
-pytestmark = pytest.mark.costly(seconds=30)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=30)  # cold seconds (--durations): costly files start first
 
 # The tiny UNet: down_blocks.0 (ResNet + strided downsampler, no attention), down_blocks.1 (attention),
 # mid_block (attention), up_blocks.0 (attention + upsampler), up_blocks.1 (ResNets only).

@@ -14,7 +14,7 @@ from suti.models.model import SuTIModel
 from suti.train.optim import learning_rate_schedule, make_optimizer
 from suti.train.step import build_trainer
 
-pytestmark = pytest.mark.costly(seconds=110)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=110)  # cold seconds (--durations): costly files start first
 
 
 def _train_cfg(**changes):

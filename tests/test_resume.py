@@ -11,7 +11,7 @@ import pytest
 
 from suti.toy.web import write_toyweb
 
-pytestmark = pytest.mark.costly(seconds=65)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=65)  # cold seconds (--durations): costly files start first
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "pipeline", "toy.py")

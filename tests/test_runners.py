@@ -13,7 +13,7 @@ from suti.toy.web import write_toyweb
 from suti.config import load_config
 from suti.core.shards import list_shards
 
-pytestmark = pytest.mark.costly(seconds=75)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=75)  # cold seconds (--durations): costly files start first
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline", "toy.py")
 

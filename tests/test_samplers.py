@@ -16,7 +16,7 @@ from suti.diffusion import samplers as SM
 from suti.diffusion.schedules import broadcast_like, cosine_schedule, linear_schedule
 from suti.diffusion.thresholding import dynamic_threshold, make_x0_fn, static_clip
 
-pytestmark = pytest.mark.costly(seconds=50)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=50)  # cold seconds (--durations): costly files start first
 
 MU, STD = 0.7, 0.3
 SCHEDULE = cosine_schedule(1000)

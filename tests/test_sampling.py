@@ -17,7 +17,7 @@ from suti.models.model import SuTIModel, null_text
 from suti.models.neighbors import NeighborTokenizer, NeighborTokens, is_neighbor_param
 from suti.models.unet import UNet
 
-pytestmark = pytest.mark.costly(seconds=110)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=110)  # cold seconds (--durations): costly files start first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

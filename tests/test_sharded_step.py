@@ -15,7 +15,7 @@ from suti.train.sharding import path_string
 from suti.train.step import make_train_step, split_model, step_rng
 from suti.train.trainer import compile_step, sharded_train_state
 
-pytestmark = pytest.mark.costly(seconds=315)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=315)  # cold seconds (--durations): costly files start first
 
 OVERRIDES = [("mesh.fsdp_min_size", "256"), ("train.warmup_steps", "0"), ("train.ema_decay", "0.9")]
 LR = 0.5

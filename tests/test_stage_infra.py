@@ -19,7 +19,7 @@ from suti.formats import cluster_shards
 from data_pipeline.runner_local import run_local
 from data_pipeline.stats import TaskResult, format_summary
 
-pytestmark = pytest.mark.costly(seconds=20)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=20)  # cold seconds (--durations): costly files start first
 
 # bucket -> clusters (id, number of images); bucket 2 is empty; bucket 0 is packed, the others PNG shards.
 CLUSTERS = {0: [("c0a", 2), ("c0b", 3)], 1: [("c1a", 2)], 3: [("c3a", 3), ("c3b", 4)]}

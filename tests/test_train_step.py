@@ -20,7 +20,7 @@ from suti.models.neighbors import NeighborTokens, is_neighbor_param
 from suti.train.optim import make_optimizer
 from suti.train.step import build_trainer, check_batch, init_train_state, make_train_step, split_model
 
-pytestmark = pytest.mark.costly(seconds=235)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=235)  # cold seconds (--durations): costly files start first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 from suti.toy.web import write_toyweb
-from shared_fixtures import TINY_MODEL_OVERRIDES, tiny_config
+from shared_fixtures import TINY_MODEL_OVERRIDES, TINY_RUN, tiny_config
 from suti.train.metrics_writer import read_metrics
 from suti.train.trainer import NonFiniteLossError, train
 from suti.checkpoint.store import load_params
 from suti.core.tree_paths import flatten_dict
 
-pytestmark = pytest.mark.costly(seconds=345)  # cold-cache seconds, from --durations: costly files start first (conftest)
+pytestmark = pytest.mark.costly(seconds=345)  # cold seconds (--durations): costly files start first
 
-RUN = [("train.batch_size", "8"), ("train.log_every", "1"), ("train.warmup_steps", "2"), ("train.lr", "1e-3"),
-       ("train.sample_every", "0"), ("data.shuffle_buffer", "16"), ("data.prefetch", "1")]
+RUN = list(TINY_RUN)
 
 
 @pytest.fixture(scope="module")
