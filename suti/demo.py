@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--subjects", type=int, default=8, help="held-out subjects to evaluate")
   parser.add_argument("--prompts", type=int, default=4, help="prompts per subject")
   parser.add_argument("--expert-steps", type=int, default=60, help="DreamBooth steps of the pipeline's experts")
+  parser.add_argument("--dreambooth-steps", type=int, default=None,
+                      help="steps of the evaluation's DreamBooth baseline per subject (default: the eval config's, "
+                           "as in the README's figures)")
   parser.add_argument("--no-progress", action="store_true")
   return parser
 
@@ -157,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   web = os.path.join(out, "web")
   if args.subjects < 1 or args.prompts < 1:
     raise ValueError("--subjects and --prompts must be >= 1")
+  if args.dreambooth_steps is not None and args.dreambooth_steps < 1:
+    raise ValueError("--dreambooth-steps must be >= 1")
   summary = write_toyweb(web, args.pages, seed=7, benchmark_per_class=-(-args.subjects // 8), progress=progress)
   log(f"toy crawl: {summary['samples']} samples from {args.pages} pages, benchmark of "
       f"{summary['benchmark_subjects']} held-out subjects")
@@ -171,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = load_config(os.path.join(CONFIGS, "eval", "toy.py"),
                     [("eval.max_prompts", str(args.prompts)), ("eval.images_per_prompt", "1"),
                      ("eval.max_subjects", str(args.subjects)),
-                     ("eval.report_prompts", str(args.prompts)), ("dreambooth.base_checkpoint", base)])
+                     ("eval.report_prompts", str(args.prompts)), ("dreambooth.base_checkpoint", base)] +
+                    ([("dreambooth.steps", str(args.dreambooth_steps))] if args.dreambooth_steps is not None else []))
   metrics = evaluate(checkpoint, os.path.join(web, "benchmark"), os.path.join(out, "eval"), cfg, progress=progress,
                      log=log)
   timings["evaluation"] = time.perf_counter() - t

@@ -17,7 +17,7 @@ def test_demo_runs_the_whole_loop_and_prints_the_report_last(tmp_path, capsys):
   (out / "eval" / "grids").mkdir(parents=True)
   (out / "eval" / "grids" / "stale.png").write_bytes(b"from an earlier run")  # replaced, not mixed in
   assert cli.main(["demo", "--out", str(out), "--checkpoint", app, "--base", base, "--pages", "6", "--subjects", "2",
-                   "--prompts", "1", "--expert-steps", "2", "--no-progress"]) == 0
+                   "--prompts", "1", "--expert-steps", "2", "--dreambooth-steps", "5", "--no-progress"]) == 0
   printed = capsys.readouterr().out.strip().splitlines()
   assert printed[-1] == str(out / "report.html")
   with open(out / "pipeline" / "stats.json") as f:
@@ -41,3 +41,10 @@ def test_demo_without_checkpoints_says_what_to_do(tmp_path, capsys):
   assert cli.main(["demo", "--out", str(tmp_path / "d"), "--checkpoint", str(tmp_path / "none"), "--no-progress"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "is not a checkpoint folder" in err and "--from-scratch" in err
+
+
+def test_demo_rejects_a_dreambooth_run_without_steps(tmp_path, capsys):
+  assert cli.main(["demo", "--out", str(tmp_path / "d"), "--dreambooth-steps", "0", "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--dreambooth-steps must be >= 1" in err
+  assert not os.path.exists(tmp_path / "d" / "web")  # refused before the crawl is written

@@ -6,7 +6,7 @@ Two kinds of shards (the formats suti.formats writes):
 
 The stream of one host, epoch after epoch:
   shards sorted, permuted by rng(seed, epoch); this host takes perm[process_index::process_count]
-  -> raw samples (undecoded bytes, read by suti.core.tar_io from webdataset's gopen streams, damage counted)
+  -> raw samples (undecoded bytes, read by suti.core.tar_io from local files or remote streams, damage counted)
   -> a shuffle buffer driven by rng(seed, epoch, process_index)
   -> decode + resize + crop (bad samples counted by reason and skipped) -> batches.
 
@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
-from webdataset.gopen import gopen
 
 from suti.core.image_ops import resize_and_crop, to_model_range
 from suti.core.safe_image import ImageRejected, decode_image
@@ -118,13 +117,19 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Raw samples: webdataset's tar iterators, with every error counted instead of raised.
+# Raw samples: the project's tar reader over local files or webdataset streams, every error counted, never raised.
 
 def _shard_samples(url: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
   """The raw samples of one shard (dicts of field -> bytes, plus __key__), read by the project's one tar reader
-  (suti.core.tar_io) from a local file or webdataset's gopen stream (gs://, pipe:): every damage is counted there."""
+  (suti.core.tar_io) from a local file or, for a remote URL (gs://, pipe:), webdataset's gopen stream: every
+  damage is counted there."""
   try:
-    stream = gopen(url)
+    if _is_remote(url):
+      # lazy: importing webdataset imports torch (~1.3 s of every trainer start), and only remote URLs need it
+      from webdataset.gopen import gopen
+      stream = gopen(url)
+    else:
+      stream = open(url, "rb")
   except Exception:  # noqa: BLE001 -- a missing file or a failing pipe: count it, go on
     counters["unreadable_shard"] += 1
     return
