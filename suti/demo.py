@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+  # checked before anything is deleted or trained, so a typo costs neither an earlier run nor hours of training
+  if args.subjects < 1 or args.prompts < 1:
+    raise ValueError("--subjects and --prompts must be >= 1")
+  if args.dreambooth_steps is not None and args.dreambooth_steps < 1:
+    raise ValueError("--dreambooth-steps must be >= 1")
   progress = not args.no_progress
   out = os.path.abspath(args.out)
   if os.path.isdir(out) and not args.from_scratch:
@@ -158,10 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   t = time.perf_counter()
   web = os.path.join(out, "web")
-  if args.subjects < 1 or args.prompts < 1:
-    raise ValueError("--subjects and --prompts must be >= 1")
-  if args.dreambooth_steps is not None and args.dreambooth_steps < 1:
-    raise ValueError("--dreambooth-steps must be >= 1")
   summary = write_toyweb(web, args.pages, seed=7, benchmark_per_class=-(-args.subjects // 8), progress=progress)
   log(f"toy crawl: {summary['samples']} samples from {args.pages} pages, benchmark of "
       f"{summary['benchmark_subjects']} held-out subjects")
@@ -173,11 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   timings["pipeline"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  cfg = load_config(os.path.join(CONFIGS, "eval", "toy.py"),
-                    [("eval.max_prompts", str(args.prompts)), ("eval.images_per_prompt", "1"),
-                     ("eval.max_subjects", str(args.subjects)),
-                     ("eval.report_prompts", str(args.prompts)), ("dreambooth.base_checkpoint", base)] +
-                    ([("dreambooth.steps", str(args.dreambooth_steps))] if args.dreambooth_steps is not None else []))
+  overrides = [("eval.max_prompts", str(args.prompts)), ("eval.images_per_prompt", "1"),
+               ("eval.max_subjects", str(args.subjects)), ("eval.report_prompts", str(args.prompts)),
+               ("dreambooth.base_checkpoint", base)]
+  if args.dreambooth_steps is not None:
+    overrides.append(("dreambooth.steps", str(args.dreambooth_steps)))
+  cfg = load_config(os.path.join(CONFIGS, "eval", "toy.py"), overrides)
   metrics = evaluate(checkpoint, os.path.join(web, "benchmark"), os.path.join(out, "eval"), cfg, progress=progress,
                      log=log)
   timings["evaluation"] = time.perf_counter() - t
