@@ -5,11 +5,27 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 
 from suti.config import load_config
 from suti.models.unet_config import UNetConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class LazyImport:
+  """A module imported on first attribute access, through pytest.importorskip (a test that uses it skips when it
+  is not installed). For the PyTorch references (torch, transformers, diffusers: ~3.5 s to import): every xdist
+  worker collects every test file, and only the worker that runs a file's tests should pay for them."""
+
+  def __init__(self, name: str):
+    self._name = name
+    self._module = None
+
+  def __getattr__(self, attr: str):
+    if self._module is None:
+      self._module = pytest.importorskip(self._name)
+    return getattr(self._module, attr)
 
 
 def tiny_unet_config(**changes) -> UNetConfig:

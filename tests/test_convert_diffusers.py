@@ -9,11 +9,12 @@ from flax import nnx
 import suti.core.torch_compat  # noqa: F401  (before diffusers: see suti/core/torch_compat.py)
 from suti.models.convert_diffusers import convert_diffusers_unet, load_diffusers_unet, unet_config_from_diffusers
 from suti.models.unet import UNet
+from shared_fixtures import LazyImport
 
 pytestmark = pytest.mark.costly(seconds=45)  # cold seconds (--durations): costly files start first
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = LazyImport("torch")
+diffusers = LazyImport("diffusers")
 
 SMALL = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -14,9 +14,10 @@ from suti.models import convert_hf_text
 from suti.models.t5 import relative_position_buckets
 from suti.models.text_encoder import PretrainedTextEncoder, TextEncoder, build_text_encoder
 from suti.models.tokenizer import ByteTokenizer
+from shared_fixtures import LazyImport
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = LazyImport("torch")
+transformers = LazyImport("transformers")
 
 
 def _text_cfg(**overrides) -> mlc.ConfigDict:

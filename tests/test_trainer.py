@@ -2,6 +2,7 @@
 jax.distributed, the NaN guard, the apprentice initialised from a base run."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -130,7 +131,12 @@ def _train_two_processes(web, workdir, extra):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # Two devices per process, the conftest's other XLA flags kept. Its -O0 matters here: on CPU the second
+  # process's compile-cache keys differ from the first's and only process 0 writes the cache, so process 1
+  # compiles the step on every run (12 s at -O0, 16 s without; process 0 waits for it).
+  flags = re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  flags = f"{flags} --xla_force_host_platform_device_count=2".strip()
+  env = dict(os.environ, XLA_FLAGS=flags)
   procs = [subprocess.Popen([sys.executable, "-m", "suti.train.main"] + _cli_args(web, workdir, extra) +
                             ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                             env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
