@@ -166,5 +166,5 @@ def test_sd15_diffusers_keys_and_shapes_match_without_allocating():
       text_in_time_embedding=False, neighbor_token_resolutions=(), neighbor_attn_resolutions=())
   check_diffusers_shapes(shapes, config)
   shapes["mid_block.attentions.0.proj_out.weight"] = (1280, 1280, 3, 3)
-  with pytest.raises(ValueError, match="shape mismatch for diffusers key mid_block.attentions.0.proj_out.weight"):
+  with pytest.raises(ValueError, match="shape mismatch for diffusers UNet key mid_block.attentions.0.proj_out.weight"):
     check_diffusers_shapes(shapes, config)

@@ -1,14 +1,12 @@
 """Load a diffusers UNet2DConditionModel checkpoint (PyTorch layout, safetensors) into our UNet.
 
-Keys map one to one (our parameter paths follow diffusers' module names) except three renames:
-`to_out.0` -> `to_out`, `ff.net.0.proj` -> `ff.proj_in`, `ff.net.2` -> `ff.proj_out`; `weight` is `kernel` for
-Linear / Conv and `scale` for norms. Conv kernels go OIHW -> HWIO, Linear (out, in) -> (in, out), and a 1x1
-convolution proj_in / proj_out (use_linear_projection False) becomes our Linear. Neighbor layers are not part of
-a diffusers checkpoint: they keep their fresh values (an apprentice then starts as the exact base model).
-Weights are read with safetensors.numpy only (never pickle).
+Keys and layouts map one to one through `diffusers_layout` (our parameter paths follow diffusers' module names);
+a 1x1 convolution proj_in / proj_out (use_linear_projection False) becomes our Linear. Neighbor layers are not
+part of a diffusers checkpoint: they keep their fresh values (an apprentice then starts as the exact base model).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -17,15 +15,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from suti.models.diffusers_layout import check_shapes, diffusers_key, safetensors_file, to_ours
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
 from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
-
-_SEGMENT_RENAMES = (  # (ours, diffusers) path segments
-    (("ff", "proj_in"), ("ff", "net", "0", "proj")),
-    (("ff", "proj_out"), ("ff", "net", "2")),
-    (("to_out",), ("to_out", "0")),
-)
 
 # diffusers options we do not implement, with the value that means "off".
 _UNSUPPORTED_DEFAULTS = {
@@ -41,54 +34,18 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
-def _diffusers_key(path: tuple[Any, ...]) -> str:
-  """Our parameter path -> the diffusers state_dict key holding the same tensor."""
-  parts = [str(p) for p in path[:-1]]
-  for ours, theirs in _SEGMENT_RENAMES:
-    n = len(ours)
-    i = 0
-    while i <= len(parts) - n:
-      if tuple(parts[i:i + n]) == ours:
-        parts[i:i + n] = list(theirs)
-        i += len(theirs)
-      else:
-        i += 1
-  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(str(path[-1]))
-  if leaf is None:
-    raise ValueError(f"no diffusers counterpart for parameter {'.'.join(map(str, path))}")
-  return ".".join(parts + [leaf])
-
-
-def _converted_shape(shape: tuple[int, ...], want_ndim: int) -> tuple[int, ...]:
-  """Shape of a diffusers tensor after conversion to our layout."""
-  if len(shape) == 4 and want_ndim == 4:  # conv OIHW -> HWIO
-    return (shape[2], shape[3], shape[1], shape[0])
-  if len(shape) == 4 and want_ndim == 2 and shape[2:] == (1, 1):  # 1x1 conv -> Linear (in, out)
-    return (shape[1], shape[0])
-  if len(shape) == 2:  # Linear (out, in) -> (in, out)
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def _to_ours(value: np.ndarray, want_ndim: int) -> np.ndarray:
-  value = np.asarray(value, dtype=np.float32)
-  if value.ndim == 4 and want_ndim == 4:
-    value = value.transpose(2, 3, 1, 0)
-  elif value.ndim == 4 and want_ndim == 2:
-    value = value[:, :, 0, 0].T
-  elif value.ndim == 2:
-    value = value.T
-  return np.ascontiguousarray(value)
-
-
 def _abstract_params(config: UNetConfig) -> dict[tuple[Any, ...], Any]:
   abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
   return dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 
+@functools.lru_cache(maxsize=8)
 def diffusers_key_map(config: UNetConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
-  """diffusers state_dict key -> (our parameter path, our shape) for every non-neighbor parameter."""
-  return {_diffusers_key(path): (path, tuple(v.shape)) for path, v in _abstract_params(config).items()
+  """diffusers state_dict key -> (our parameter path, our shape) for every non-neighbor parameter.
+
+  Cached per config (tracing SD 1.5's UNet abstractly takes seconds; checking then converting asks twice).
+  Callers must not modify the returned dict."""
+  return {diffusers_key(path): (path, tuple(v.shape)) for path, v in _abstract_params(config).items()
           if not is_neighbor_param(path)}
 
 
@@ -97,21 +54,7 @@ def check_diffusers_shapes(shapes: Mapping[str, tuple[int, ...]], config: UNetCo
 
   Raises ValueError naming the first unexpected key, missing key or shape mismatch.
   """
-  _check_shapes(shapes, diffusers_key_map(config))
-
-
-def _check_shapes(shapes: Mapping[str, tuple[int, ...]],
-                  wanted: Mapping[str, tuple[tuple[Any, ...], tuple[int, ...]]]) -> None:
-  for key in shapes:
-    if key not in wanted:
-      raise ValueError(f"unexpected key in diffusers checkpoint: {key} (no such parameter in this UNet config)")
-  for key, (_, want) in wanted.items():
-    if key not in shapes:
-      raise ValueError(f"missing key in diffusers checkpoint: {key}")
-    got = _converted_shape(tuple(shapes[key]), len(want))
-    if got != want:
-      raise ValueError(f"shape mismatch for diffusers key {key}: checkpoint gives {got} after conversion, "
-                       f"the model expects {want}")
+  check_shapes(shapes, diffusers_key_map(config), "UNet")
 
 
 def convert_diffusers_unet(state_dict: Mapping[str, np.ndarray], config: UNetConfig) -> nnx.State:
@@ -120,29 +63,15 @@ def convert_diffusers_unet(state_dict: Mapping[str, np.ndarray], config: UNetCon
   Raises ValueError naming the first missing key, unexpected key or shape mismatch.
   """
   wanted = diffusers_key_map(config)
-  _check_shapes({k: tuple(np.shape(v)) for k, v in state_dict.items()}, wanted)
-  flat = [(path, nnx.Param(_to_ours(state_dict[key], len(shape)))) for key, (path, shape) in wanted.items()]
+  check_shapes({k: tuple(np.shape(v)) for k, v in state_dict.items()}, wanted, "UNet")
+  flat = [(path, nnx.Param(to_ours(state_dict[key], len(shape)))) for key, (path, shape) in wanted.items()]
   return nnx.State.from_flat_path(flat)
-
-
-def _safetensors_file(path: str) -> str:
-  if os.path.isdir(path):
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "model.safetensors"):
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-    raise ValueError(f"no diffusion_pytorch_model.safetensors in {path}")
-  if not os.path.isfile(path):
-    raise ValueError(f"no such checkpoint file: {path}")
-  if not path.endswith(".safetensors"):
-    raise ValueError(f"expected a .safetensors file (pickled checkpoints are not read), got {path}")
-  return path
 
 
 def load_diffusers_unet(path: str, unet: UNet) -> None:
   """Loads a diffusers UNet (a .safetensors file, or a diffusers `unet/` folder) into `unet` in place."""
 
-  state_dict = load_file(_safetensors_file(path))
+  state_dict = load_file(safetensors_file(path))
   nnx.update(unet, convert_diffusers_unet(state_dict, unet.config))
 
 

@@ -60,11 +60,13 @@ def linear(in_features: int, out_features: int, *, use_bias: bool = True, zero_i
                     kernel_init=zeros_init if zero_init else fan_in_normal, bias_init=zeros_init)
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  # Explicit symmetric padding: "SAME" pads (0, 1) at stride 2, which differs from PyTorch's padding=1.
+def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1,
+         padding: tuple[tuple[int, int], tuple[int, int]] | None = None, dtype: jnp.dtype,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  # Explicit symmetric padding by default: "SAME" pads (0, 1) at stride 2, which differs from PyTorch's padding=1.
   pad = (kernel - 1) // 2
   return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), dtype=dtype, rngs=rngs, kernel_init=fan_in_normal,
+                  padding=padding or ((pad, pad), (pad, pad)), dtype=dtype, rngs=rngs, kernel_init=fan_in_normal,
                   bias_init=zeros_init)
 
 
