@@ -1,7 +1,9 @@
 """Stable Diffusion 1.5's UNet shape (859,520,964 parameters with neighbors off), for conversion and scale.
 
 Latent space (4 channels at 64x64 for 512 px images) with CLIP ViT-L/14 text (768 wide, 77 tokens).
-A diffusers-format UNet (safetensors) converts into this model; the VAE is a later step.
+A diffusers-format UNet (safetensors) converts into this model, and the sampling settings follow SD 1.5's DDIM
+scheduler config. The VAE loads with suti.models.convert_vae.load_diffusers_vae; a `vae` section here that the
+trainer and sampler use is the next step.
 
   suti info --config configs/sd15.py
   suti info --config configs/sd15.py --config.model.num_neighbors=3   # the apprentice on top of it
@@ -42,6 +44,9 @@ def get_config() -> mlc.ConfigDict:
   c.diffusion.schedule = "scaled_linear"  # SD: linear in sqrt(beta)
   c.diffusion.beta_start = 0.00085
   c.diffusion.beta_end = 0.012
+  c.diffusion.timestep_spacing = "leading"  # SD 1.5's DDIM scheduler config: leading + 1, last alpha alphas_cumprod[0]
+  c.diffusion.steps_offset = 1
+  c.diffusion.set_alpha_to_one = False
   c.sample.dynamic_threshold = 0.0  # latent model: no pixel thresholding
   c.sample.text_scale = 7.5
 

@@ -63,6 +63,11 @@ def get_config() -> mlc.ConfigDict:
   c.diffusion.num_timesteps = 1000
   c.diffusion.beta_start = 0.0001
   c.diffusion.beta_end = 0.02
+  # How samplers walk the schedule (a diffusers scheduler config's terms): trailing | leading | linspace; an offset
+  # added to leading timesteps; whether DDIM's last step lands on alpha = 1 (else on alphas_cumprod[0]).
+  c.diffusion.timestep_spacing = "trailing"
+  c.diffusion.steps_offset = 0
+  c.diffusion.set_alpha_to_one = True
   # eps | v. v at toy scale: with eps and the cosine schedule, x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) blows up
   # near t = T (abar = 2e-4 at t = 990: x0 error 18 on a trained toy base), and 50-step DDIM without dynamic
   # thresholding returned saturated noise; the same run with v keeps clean backgrounds with or without it.

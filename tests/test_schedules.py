@@ -119,3 +119,14 @@ def test_bad_prediction_raises():
   sched = S.cosine_schedule(10)
   with pytest.raises(ValueError, match="prediction"):
     sched.target(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32), "x0")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(timestep_spacing="even"), "diffusion.timestep_spacing must be one of"),
+    (dict(steps_offset=-1), "diffusion.steps_offset must be an integer >= 0"),
+    (dict(set_alpha_to_one="yes"), "diffusion.set_alpha_to_one must be True or False"),
+])
+def test_sampling_settings_of_a_schedule_are_checked(change, message):
+  with pytest.raises(ValueError, match=message):
+    S.make_schedule(dict(schedule="cosine", num_timesteps=1000, **change))
+  assert S.make_schedule(dict(schedule="cosine", num_timesteps=1000)).timestep_spacing == "trailing"

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from suti.core.tree_paths import flatten_paths, path_names
+from suti.diffusion.schedules import SAMPLING_DEFAULTS
 
 OWN_ITEMS = ("params", "ema", "frozen", "opt_state")  # TrainState fields stored as their own Orbax item
 EXTRA_ITEM = "extra"  # every other leaf of the state
@@ -356,7 +357,10 @@ def checkpoint_config(meta: dict, where: str = "checkpoint"):
   ConfigDict; ValueError when the checkpoint carries none."""
   if not isinstance(meta.get("config"), dict):
     raise ValueError(f"{where} carries no training config in its metadata (not written by `suti train`?)")
-  return mlc.ConfigDict(_tuples(meta["config"]))
+  config = _tuples(meta["config"])
+  if isinstance(config.get("diffusion"), dict):  # written before the sampling keys existed: their old meaning
+    config["diffusion"] = {**SAMPLING_DEFAULTS, **config["diffusion"]}
+  return mlc.ConfigDict(config)
 
 
 def _is_step_dir(path: epath.Path) -> bool:

@@ -7,9 +7,13 @@ Timestep spacing (`sampling_timesteps`), for T training steps and n sampling ste
   "trailing" (default): round(T - i*T/n) - 1, starts at the noisiest timestep T-1 (Lin et al. 2024,
              "Common diffusion noise schedules and sample steps are flawed"), ends at about T/n - 1;
   "leading": i * (T // n), as in DDIM / Stable Diffusion, starts below T-1 and ends at 0;
-  "linspace": round(linspace(0, T-1, n)).
-Every sampler then takes a last step from its final timestep to clean data (alpha = 1, sigma = 0),
-so `steps` equals the number of denoiser calls.
+  "linspace": round(linspace(0, T-1, n));
+"leading" ones are shifted by the schedule's `steps_offset` (SD: 1, so 901, 801, ..., 1 for 10 steps), as
+diffusers does. Every sampler then takes a last step from its final timestep to clean data (alpha = 1,
+sigma = 0), so `steps` equals the number of denoiser calls; DDIM on a schedule with set_alpha_to_one False lands
+on alphas_cumprod[0] instead, as diffusers' DDIMScheduler does. `spacing=None` (the samplers' default) takes the
+schedule's `timestep_spacing`. Unlike diffusers' DDIM, which always steps back by T // n, each step here goes to
+the next timestep of the list (the same for leading and trailing spacing; for linspace it is not).
 
 By default the loop is a `jax.lax.fori_loop`, so the whole sampler traces once under `jax.jit`
 (`steps`, `prediction` and `spacing` are static). With `progress=True` it instead runs a host
@@ -24,16 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from suti.diffusion.schedules import Schedule, check_prediction, eps_from_x0, output_to_x0_eps
+from suti.diffusion.schedules import (TIMESTEP_SPACINGS, Schedule, check_prediction, eps_from_x0,
+                                      output_to_x0_eps)
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 X0Fn = Callable[[jax.Array], jax.Array]
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = TIMESTEP_SPACINGS
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
-def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
-  """The n descending, distinct timesteps a sampler visits (see the module docstring)."""
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", offset: int = 0) -> np.ndarray:
+  """The n descending, distinct timesteps a sampler visits (see the module docstring); `offset` shifts the
+  leading ones only, as diffusers' schedulers apply `steps_offset`."""
   if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
     raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
   if spacing == "trailing":
@@ -44,7 +50,10 @@ def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing"
     ts = np.round(np.linspace(0, num_timesteps - 1, steps))[::-1]
   else:
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-  ts = ts.astype(np.int32)
+  ts = ts.astype(np.int32) + (int(offset) if spacing == "leading" else 0)
+  if ts[0] >= num_timesteps:
+    raise ValueError(f"steps_offset {offset} puts the first of {steps} {spacing} timesteps at {ts[0]}, past the "
+                     f"schedule's last timestep {num_timesteps - 1}")
   assert np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] < num_timesteps, ts
   return ts
 
@@ -55,13 +64,17 @@ def ignore_rng(model_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Denoise
 
 
 class _Plan:
-  """Per-step schedule values: alphas_cumprod at the current step and at the next one (1 at the end)."""
+  """Per-step schedule values: alphas_cumprod at the current step and at the next one (`final` at the end: 1,
+  or alphas_cumprod[0] for DDIM on a schedule with set_alpha_to_one False)."""
 
-  def __init__(self, schedule: Schedule, steps: int, spacing: str):
-    self.timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing)
+  def __init__(self, schedule: Schedule, steps: int, spacing: str | None, *, follow_alpha_to_one: bool = False):
+    spacing = schedule.timestep_spacing if spacing is None else spacing
+    self.timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing, schedule.steps_offset)
     self.steps = steps
     self.acp = schedule.alphas_cumprod[self.timesteps]
-    self.acp_next = jnp.concatenate([self.acp[1:], jnp.ones((1,), self.acp.dtype)])
+    final = (schedule.alphas_cumprod[:1] if follow_alpha_to_one and not schedule.set_alpha_to_one
+             else jnp.ones((1,), self.acp.dtype))
+    self.acp_next = jnp.concatenate([self.acp[1:], final])
 
 
 def _x0_eps(x: jax.Array, output: jax.Array, acp: jax.Array, prediction: str,
@@ -103,12 +116,12 @@ def _run(denoise_fn: Denoiser, update: Callable[[jax.Array, Any, jax.Array], Any
 
 def ddim_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: Schedule,
                 steps: int = 50, *, prediction: str = "eps", eta: float = 0.0,
-                x0_fn: X0Fn | None = None, spacing: str = "trailing",
+                x0_fn: X0Fn | None = None, spacing: str | None = None,
                 progress: bool = False) -> jax.Array:
   """DDIM (Song et al. 2021): eta = 0 is the deterministic probability-flow discretisation,
   eta = 1 draws from the DDPM posterior q(x_s | x_t, x0_pred)."""
   check_prediction(prediction)
-  plan = _Plan(schedule, steps, spacing)
+  plan = _Plan(schedule, steps, spacing, follow_alpha_to_one=True)
 
   def update(i, carry, output):
     (x,) = carry
@@ -124,7 +137,7 @@ def ddim_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: 
 
 def ddpm_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: Schedule,
                 steps: int | None = None, *, prediction: str = "eps", x0_fn: X0Fn | None = None,
-                spacing: str = "trailing", progress: bool = False) -> jax.Array:
+                spacing: str | None = None, progress: bool = False) -> jax.Array:
   """Ancestral sampling (Ho et al. 2020) from the posterior q(x_s | x_t, x0_pred) with its own
   variance ("fixed small"); over a subset of timesteps the betas are those between visited steps.
   steps=None walks all T timesteps."""
@@ -148,7 +161,7 @@ def ddpm_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: 
 
 def dpmpp_2m_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: Schedule,
                     steps: int = 20, *, prediction: str = "eps", x0_fn: X0Fn | None = None,
-                    spacing: str = "trailing", progress: bool = False) -> jax.Array:
+                    spacing: str | None = None, progress: bool = False) -> jax.Array:
   """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in the data prediction x0, in
   lambda = log(alpha / sigma). With h_i = lambda_{i+1} - lambda_i and r = h_{i-1} / h_i:
     D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}   (D = x0_i at the first step)
@@ -178,7 +191,7 @@ def dpmpp_2m_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedu
 
 def sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedule: Schedule, steps: int,
            *, sampler: str = "ddim", prediction: str = "eps", x0_fn: X0Fn | None = None,
-           spacing: str = "trailing", eta: float = 0.0, progress: bool = False) -> jax.Array:
+           spacing: str | None = None, eta: float = 0.0, progress: bool = False) -> jax.Array:
   """Dispatches on the sampler name ("ddpm" | "ddim" | "dpm++"); eta is DDIM's only."""
   common = dict(prediction=prediction, x0_fn=x0_fn, spacing=spacing, progress=progress)
   if sampler == "ddim":

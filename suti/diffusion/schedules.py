@@ -16,6 +16,10 @@ import numpy as np
 
 PREDICTIONS = ("eps", "v")
 SCHEDULES = ("cosine", "linear", "scaled_linear")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+# The `diffusion` keys that say how samplers walk a schedule, with the values every config had before they
+# existed (checkpoints written earlier read with these: suti.checkpoint.store.checkpoint_config).
+SAMPLING_DEFAULTS = {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}
 
 
 def check_prediction(prediction: str) -> None:
@@ -33,10 +37,19 @@ def broadcast_like(coef: jax.Array, x: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class Schedule:
-  """A discrete diffusion schedule; a pytree, so it can be passed through jax.jit."""
+  """A discrete diffusion schedule; a pytree, so it can be passed through jax.jit.
+
+  The last three fields say how samplers walk it, as a diffusers scheduler config does (a converted model
+  samples as diffusers samples it): `timestep_spacing` (trailing | leading | linspace), `steps_offset` (added to
+  every sampling timestep: SD's 1) and `set_alpha_to_one` (DDIM's last step lands on alpha = 1, clean data;
+  False: on alphas_cumprod[0], as SD's DDIM config says).
+  """
   betas: jax.Array  # [T] float32
   alphas_cumprod: jax.Array  # [T] float32, strictly decreasing
   num_timesteps: int = flax.struct.field(pytree_node=False)
+  timestep_spacing: str = flax.struct.field(pytree_node=False, default="trailing")
+  steps_offset: int = flax.struct.field(pytree_node=False, default=0)
+  set_alpha_to_one: bool = flax.struct.field(pytree_node=False, default=True)
 
   def alpha(self, t: jax.Array) -> jax.Array:
     """Signal scale sqrt(alphas_cumprod[t]); same shape as t."""
@@ -153,14 +166,26 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def make_schedule(cfg: Any) -> Schedule:
   """Builds the schedule of a `diffusion` config: schedule (cosine | linear | scaled_linear),
-  num_timesteps, beta_start, beta_end (linear kinds only)."""
+  num_timesteps, beta_start, beta_end (linear kinds only), and how samplers walk it: timestep_spacing,
+  steps_offset, set_alpha_to_one (defaults trailing, 0, True; configs written before these keys get them)."""
   kind = _get(cfg, "schedule")
   num_timesteps = _get(cfg, "num_timesteps")
   if num_timesteps is None:
     raise ValueError("diffusion.num_timesteps is missing")
   if kind == "cosine":
-    return cosine_schedule(int(num_timesteps))
-  if kind in ("linear", "scaled_linear"):
-    return linear_schedule(int(num_timesteps), float(_get(cfg, "beta_start", 1e-4)),
-                           float(_get(cfg, "beta_end", 0.02)), scaled=kind == "scaled_linear")
-  raise ValueError(f"diffusion.schedule must be one of {SCHEDULES}, got {kind!r}")
+    schedule = cosine_schedule(int(num_timesteps))
+  elif kind in ("linear", "scaled_linear"):
+    schedule = linear_schedule(int(num_timesteps), float(_get(cfg, "beta_start", 1e-4)),
+                               float(_get(cfg, "beta_end", 0.02)), scaled=kind == "scaled_linear")
+  else:
+    raise ValueError(f"diffusion.schedule must be one of {SCHEDULES}, got {kind!r}")
+  spacing = _get(cfg, "timestep_spacing", SAMPLING_DEFAULTS["timestep_spacing"])
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f"diffusion.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+  offset = _get(cfg, "steps_offset", SAMPLING_DEFAULTS["steps_offset"])
+  if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
+    raise ValueError(f"diffusion.steps_offset must be an integer >= 0, got {offset!r}")
+  to_one = _get(cfg, "set_alpha_to_one", SAMPLING_DEFAULTS["set_alpha_to_one"])
+  if not isinstance(to_one, (bool, np.bool_)):
+    raise ValueError(f"diffusion.set_alpha_to_one must be True or False, got {to_one!r}")
+  return schedule.replace(timestep_spacing=spacing, steps_offset=int(offset), set_alpha_to_one=bool(to_one))
