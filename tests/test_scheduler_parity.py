@@ -48,11 +48,10 @@ def test_ddim_matches_diffusers_ddim_scheduler(config):
   for t in theirs.timesteps:
     x = theirs.step(_model(x, float(t), torch), t, x).prev_sample
   prediction = "eps" if config["prediction_type"] == "epsilon" else "v"
-  ours = SM.ddim_sample(lambda x, t, rng: _model(x, t[:, None, None, None].astype(jnp.float32), jnp),
-                        jnp.asarray(x_T), jax.random.key(0), schedule, 10, prediction=prediction)
+  denoise = lambda x, t, rng: _model(x, t[:, None, None, None].astype(jnp.float32), jnp)
+  ours = SM.ddim_sample(denoise, jnp.asarray(x_T), jax.random.key(0), schedule, 10, prediction=prediction)
   np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=2e-5, rtol=1e-5)
   if not config["set_alpha_to_one"]:  # the last step lands on alphas_cumprod[0], not on alpha = 1
     one = schedule.replace(set_alpha_to_one=True)
-    landed_clean = SM.ddim_sample(lambda x, t, rng: _model(x, t[:, None, None, None].astype(jnp.float32), jnp),
-                                  jnp.asarray(x_T), jax.random.key(0), one, 10, prediction=prediction)
+    landed_clean = SM.ddim_sample(denoise, jnp.asarray(x_T), jax.random.key(0), one, 10, prediction=prediction)
     assert np.abs(np.asarray(landed_clean) - x.numpy()).max() > 1e-3

@@ -6,10 +6,11 @@ a one-line ValueError that names the folder, the component and what was found.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from suti.core.atomic_io import read_json_object
 
 # component -> the classes the project converts (diffusers / transformers class names in model_index.json).
 SUPPORTED_COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -20,8 +21,6 @@ SUPPORTED_COMPONENTS: dict[str, tuple[str, ...]] = {
     "scheduler": ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
                   "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler"),
 }
-# Components a pipeline may list that the project does not need (null in SD 1.5's own index: no checker).
-OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 # diffusers beta_schedule -> the project's diffusion.schedule ("squaredcos_cap_v2" is the cosine schedule of
 # improved DDPM, betas capped at 0.999: what suti.diffusion.schedules.cosine_schedule computes).
@@ -51,13 +50,7 @@ def read_pipeline(folder: str) -> DiffusersPipeline:
     raise ValueError(f"{folder} is not a folder")
   if not os.path.isfile(index_file):
     raise ValueError(f"{folder} is not a diffusers pipeline: it has no model_index.json")
-  try:
-    with open(index_file) as f:
-      index = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"unreadable {index_file}: {e}") from None
-  if not isinstance(index, dict):
-    raise ValueError(f"{index_file} is not a JSON object")
+  index = read_json_object(index_file)
   classes = {}
   for name, supported in SUPPORTED_COMPONENTS.items():
     entry = index.get(name)
@@ -103,9 +96,4 @@ def read_scheduler(pipeline: DiffusersPipeline) -> dict[str, Any]:
   file = os.path.join(pipeline.component("scheduler"), "scheduler_config.json")
   if not os.path.isfile(file):
     raise ValueError(f"the diffusers pipeline in {pipeline.folder} has no scheduler/scheduler_config.json")
-  try:
-    with open(file) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"unreadable {file}: {e}") from None
-  return diffusion_from_scheduler(config)
+  return diffusion_from_scheduler(read_json_object(file))

@@ -43,6 +43,17 @@ def read_json(path: str) -> Mapping:
     return json.load(f)
 
 
+def read_json_object(path: str) -> dict:
+  """A JSON file that must hold an object; ValueError in one line when it is unreadable or holds something else."""
+  try:
+    value = read_json(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"unreadable {path}: {e}") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} is not a JSON object")
+  return value
+
+
 def remove_stale_temporaries(folder: str) -> int:
   """Deletes `*.tmp-<pid>` files a killed run left behind; returns how many."""
   removed = 0

@@ -41,7 +41,7 @@ class Schedule:
 
   The last three fields say how samplers walk it, as a diffusers scheduler config does (a converted model
   samples as diffusers samples it): `timestep_spacing` (trailing | leading | linspace), `steps_offset` (added to
-  every sampling timestep: SD's 1) and `set_alpha_to_one` (DDIM's last step lands on alpha = 1, clean data;
+  leading sampling timesteps: SD's 1) and `set_alpha_to_one` (DDIM's last step lands on alpha = 1, clean data;
   False: on alphas_cumprod[0], as SD's DDIM config says).
   """
   betas: jax.Array  # [T] float32

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from suti.models.diffusers_layout import check_shapes, diffusers_key, safetensors_file, to_ours
+from suti.models.diffusers_layout import check_shapes, key_map, safetensors_file, to_ours
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
 from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
@@ -34,19 +34,13 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
-def _abstract_params(config: UNetConfig) -> dict[tuple[Any, ...], Any]:
-  abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
-  return dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-
-
 @functools.lru_cache(maxsize=8)
 def diffusers_key_map(config: UNetConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
   """diffusers state_dict key -> (our parameter path, our shape) for every non-neighbor parameter.
 
   Cached per config (tracing SD 1.5's UNet abstractly takes seconds; checking then converting asks twice).
   Callers must not modify the returned dict."""
-  return {diffusers_key(path): (path, tuple(v.shape)) for path, v in _abstract_params(config).items()
-          if not is_neighbor_param(path)}
+  return key_map(lambda: UNet(config, rngs=nnx.Rngs(0)), keep=lambda path: not is_neighbor_param(path))
 
 
 def check_diffusers_shapes(shapes: Mapping[str, tuple[int, ...]], config: UNetConfig) -> None:

@@ -15,8 +15,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save
 
 from suti.core.atomic_io import atomic_write_bytes, atomic_write_json
-from suti.models.diffusers_layout import (check_shapes, diffusers_key, read_config, safetensors_file, to_diffusers,
-                                          to_ours)
+from suti.models.diffusers_layout import (check_shapes, diffusers_key, key_map, read_config, safetensors_file,
+                                          to_diffusers, to_ours)
 from suti.models.vae import AutoencoderKL, VAEConfig
 
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -70,15 +70,10 @@ def diffusers_vae_config(config: VAEConfig) -> dict[str, Any]:
   return out
 
 
-def _abstract_params(config: VAEConfig) -> dict[tuple[Any, ...], Any]:
-  abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-  return dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-
-
 @functools.lru_cache(maxsize=8)
 def diffusers_vae_key_map(config: VAEConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
   """diffusers state_dict key -> (our parameter path, our shape); cached per config, not to be modified."""
-  return {diffusers_key(path): (path, tuple(v.shape)) for path, v in _abstract_params(config).items()}
+  return key_map(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
 
 
 def _modern_key(key: str) -> str:

@@ -8,11 +8,13 @@ be a Linear here. Weights are read with safetensors.numpy only (never pickle).
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax import nnx
+
+from suti.core.atomic_io import read_json_object
 
 _SEGMENT_RENAMES = (  # (ours, diffusers) path segments
     (("ff", "proj_in"), ("ff", "net", "0", "proj")),
@@ -37,6 +39,15 @@ def diffusers_key(path: tuple[Any, ...]) -> str:
   if leaf is None:
     raise ValueError(f"no diffusers counterpart for parameter {'.'.join(map(str, path))}")
   return ".".join(parts + [leaf])
+
+
+def key_map(build: Callable[[], nnx.Module],
+            keep: Callable[[tuple[Any, ...]], bool] | None = None) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
+  """diffusers state_dict key -> (our parameter path, our shape) for the parameters of the module `build` makes
+  (built abstractly: no weights are drawn) that `keep` accepts."""
+  abstract = nnx.eval_shape(build)
+  return {diffusers_key(path): (path, tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+          if keep is None or keep(path)}
 
 
 def converted_shape(shape: tuple[int, ...], want_ndim: int) -> tuple[int, ...]:
@@ -107,11 +118,4 @@ def read_config(path: str, what: str) -> dict[str, Any]:
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.isfile(file):
     raise ValueError(f"no config.json for the diffusers {what} at {path}")
-  try:
-    with open(file) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"unreadable diffusers {what} config {file}: {e}") from None
-  if not isinstance(config, dict):
-    raise ValueError(f"diffusers {what} config {file} is not a JSON object")
-  return config
+  return read_json_object(file)
