@@ -2,8 +2,11 @@
 
 Latent space (4 channels at 64x64 for 512 px images) with CLIP ViT-L/14 text (768 wide, 77 tokens).
 A diffusers-format UNet (safetensors) converts into this model, and the sampling settings follow SD 1.5's DDIM
-scheduler config. The VAE loads with suti.models.convert_vae.load_diffusers_vae; a `vae` section here that the
-trainer and sampler use is the next step.
+scheduler config; the VAE is SD's AutoencoderKL (83,653,863 parameters, frozen). A whole local diffusers folder
+converts into one checkpoint of this shape, which `suti generate` samples text-to-image:
+
+  suti convert diffusers --src /models/stable-diffusion-v1-5 --out /ckpt/sd15
+  suti generate --checkpoint /ckpt/sd15 --prompt "a photo of a dog on the beach" --out dog.png
 
   suti info --config configs/sd15.py
   suti info --config configs/sd15.py --config.model.num_neighbors=3   # the apprentice on top of it
@@ -35,11 +38,17 @@ def get_config() -> mlc.ConfigDict:
   m.neighbor_token_resolutions = (8,)
   m.neighbor_attn_resolutions = (8, 16)
 
+  c.vae.enabled = True
+  c.vae.block_out_channels = (128, 256, 512, 512)
+  c.vae.layers_per_block = 2
+  c.vae.sample_size = 512
+
   c.text.kind = "clip"
   c.text.checkpoint = ""  # e.g. /models/stable-diffusion-v1-5/text_encoder (local folder)
   c.text.max_length = 77
   c.text.width = 768
   c.text.trainable = False
+  c.text.mask_padding = False  # SD runs CLIP on all 77 positions, padding included, and the UNet attends to all
 
   c.diffusion.schedule = "scaled_linear"  # SD: linear in sqrt(beta)
   c.diffusion.beta_start = 0.00085

@@ -58,6 +58,23 @@ def get_config() -> mlc.ConfigDict:
   c.text.heads = 4
   c.text.trainable = True
 
+  # Latent models only (Stable Diffusion; the 32x32 latent toy): a frozen AutoencoderKL of diffusers' layout maps
+  # images to the UNet's latents and back, and model.image_size is then the latent side. Off: a pixel model.
+  c.vae = mlc.ConfigDict()
+  c.vae.enabled = False
+  c.vae.block_out_channels = (64,)
+  c.vae.layers_per_block = 1
+  c.vae.in_channels = 3
+  c.vae.out_channels = 3
+  c.vae.latent_channels = 4
+  c.vae.norm_num_groups = 32
+  c.vae.sample_size = 32
+  c.vae.scaling_factor = 0.18215  # latents = (mean - shift_factor) * scaling_factor
+  c.vae.shift_factor = 0.0
+  c.vae.use_quant_conv = True
+  c.vae.use_post_quant_conv = True
+  c.vae.mid_block_add_attention = True
+
   c.diffusion = mlc.ConfigDict()
   c.diffusion.schedule = "cosine"  # cosine | linear
   c.diffusion.num_timesteps = 1000

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("suti.demo", "the whole loop on the embedded toy world"),
     "info": ("suti.info", "resolved config and parameter counts"),
     "export": ("suti.checkpoint.export", "a training run's EMA weights as a small checkpoint to ship"),
+    "convert": ("suti.checkpoint.convert", "a local diffusers Stable Diffusion folder as one checkpoint"),
 }
 
 def _usage() -> str:

@@ -13,9 +13,11 @@ from flax import nnx
 
 from suti.config import flatten, load_config, split_overrides
 from suti.core.errors import CommandParser, run_user_command
+from suti.models.model import vae_config
 from suti.models.text_encoder import build_text_encoder
 from suti.models.unet import count_params
 from suti.models.unet_config import UNetConfig
+from suti.models.vae import AutoencoderKL
 
 
 def _count(tree) -> int:
@@ -48,6 +50,11 @@ def describe(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> str
     lines.append(f"text encoder ({cfg.text.kind}): external, set text.checkpoint to count it")
   else:
     lines.append(f"text encoder ({cfg.text.kind}): {text:,}{'' if cfg.text.trainable else ' (frozen)'}")
+  vae = vae_config(cfg)
+  if vae is not None:
+    count = _count(nnx.state(nnx.eval_shape(lambda: AutoencoderKL(vae, rngs=nnx.Rngs(0))), nnx.Param))
+    lines.append(f"vae: {count:,} (frozen; {vae.downsample_factor}x downsampling, {vae.latent_channels} latent "
+                 f"channels: {int(cfg.model.image_size) * vae.downsample_factor} px images)")
   return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ def test_info_sd15_counts_exactly_sd15_unet(capsys):
   out = capsys.readouterr().out
   total = [l for l in out.splitlines() if l.startswith("total")]
   assert total and total[0].split()[-1] == "859,520,964"
+  assert "vae: 83,653,863 (frozen; 8x downsampling, 4 latent channels: 512 px images)" in out  # SD 1.5's VAE
 
 
 def test_info_apprentice_adds_neighbor_layers(capsys):

@@ -36,17 +36,43 @@ def export_checkpoint(source: str, out_dir: str, *, prefer_ema: bool = True, ove
   weights, meta = load_params(source, prefer_ema=prefer_ema)
   checkpoint_config(meta, f"checkpoint {source}")  # a run's checkpoint: its config must be readable
   step = int(meta.get("step", 0))
+  out = clear_checkpoint_folder(out_dir, overwrite)
+  meta = dict(meta, exported_from=os.path.abspath(source), weights="ema" if prefer_ema else "params")
+  meta["config"] = dict(meta["config"], sample=with_sample_settings(meta["config"].get("sample", {}), sample))
+  meta["config"] = with_own_tokenizer(meta["config"], out)
+  meta.pop("input_positions", None)  # a shipped checkpoint is not a place to resume training from
+  return save_weights(out, step, weights, meta)
+
+
+def clear_checkpoint_folder(out_dir: str, overwrite: bool) -> str:
+  """The absolute `out_dir`, emptied of checkpoint steps (and its own tokenizer) when `overwrite`; ValueError
+  when it holds a checkpoint and not `overwrite`."""
   out = os.path.abspath(out_dir)
   if os.path.isdir(out) and any(n.isdigit() for n in os.listdir(out)):
     if not overwrite:
       raise ValueError(f"{out_dir} already holds a checkpoint (pass --overwrite to replace it)")
     for name in os.listdir(out):
-      if name.isdigit():
+      if name.isdigit() or name == OWN_TOKENIZER:
         shutil.rmtree(os.path.join(out, name))
-  meta = dict(meta, exported_from=os.path.abspath(source), weights="ema" if prefer_ema else "params")
-  meta["config"] = dict(meta["config"], sample=with_sample_settings(meta["config"].get("sample", {}), sample))
-  meta.pop("input_positions", None)  # a shipped checkpoint is not a place to resume training from
-  return save_weights(out, step, weights, meta)
+  return out
+
+
+OWN_TOKENIZER = "tokenizer"  # the folder beside the steps that holds a checkpoint's Hugging Face tokenizer
+
+
+def with_own_tokenizer(config: dict, out: str) -> dict:
+  """`config` with its Hugging Face tokenizer (text.tokenizer, a folder) copied to `out`/tokenizer and named
+  relative to `out`, so the checkpoint carries it (load_params makes the name absolute again)."""
+  text = config.get("text", {})
+  folder = text.get("tokenizer", "")
+  if text.get("kind", "embedded") == "embedded" or not folder:
+    return config
+  if not os.path.isdir(folder):
+    raise ValueError(f"text.tokenizer {folder} is not a folder")
+  target = os.path.join(out, OWN_TOKENIZER)
+  if os.path.abspath(folder) != os.path.abspath(target):
+    shutil.copytree(folder, target, dirs_exist_ok=True)
+  return dict(config, text=dict(text, tokenizer=OWN_TOKENIZER))
 
 
 def with_sample_settings(section: dict, settings: Sequence[str]) -> dict:

@@ -360,6 +360,7 @@ def checkpoint_config(meta: dict, where: str = "checkpoint"):
   config = _tuples(meta["config"])
   if isinstance(config.get("diffusion"), dict):  # written before the sampling keys existed: their old meaning
     config["diffusion"] = {**SAMPLING_DEFAULTS, **config["diffusion"]}
+  config.setdefault("vae", {"enabled": False})  # written before latent models existed: a pixel model
   return mlc.ConfigDict(config)
 
 
@@ -381,7 +382,18 @@ def _load_step_weights(step_dir: epath.Path, prefer_ema: bool) -> tuple[dict, di
     raise CorruptCheckpoint(_one_line(err)) from None
   finally:
     json_handler.close()
-  return weights, dict(meta or {})
+  return weights, _with_own_files(dict(meta or {}), step_dir.parent)
+
+
+def _with_own_files(meta: dict, root: epath.Path) -> dict:
+  """A checkpoint's own files (the tokenizer `suti convert diffusers` and `suti export` put beside its steps) are
+  named in its config relative to the folder holding the steps; here they become absolute, so every reader of
+  the config finds them wherever the checkpoint was moved to."""
+  text = meta.get("config", {}).get("text") if isinstance(meta.get("config"), dict) else None
+  name = text.get("tokenizer") if isinstance(text, dict) else None
+  if isinstance(name, str) and name and not os.path.isabs(name) and (root / name).is_dir():
+    text["tokenizer"] = os.fspath(root / name)
+  return meta
 
 
 def _merge_disjoint(into: dict, other: dict, prefix: str = "") -> None:

@@ -148,6 +148,8 @@ class ExpertTrainer:
     check_settings(experts_cfg)
     if int(base_cfg.model.num_neighbors) != 0:
       raise ValueError("experts fine-tune a base text-to-image model, got an apprentice (model.num_neighbors > 0)")
+    if base_cfg.get("vae", {}).get("enabled", False):
+      raise ValueError("experts of a latent base model (vae.enabled) are not implemented yet")
     self.settings = experts_cfg
     self.cfg = expert_train_config(base_cfg, experts_cfg)
     self.method = experts_cfg.method

@@ -33,7 +33,8 @@ class LoadedModel:
 
   @property
   def image_size(self) -> int:
-    return int(self.cfg.model.image_size)
+    """The side of the images the model makes (pixels, also for a latent model)."""
+    return self.model.image_size
 
 
 def load_model(path: str, *, kind: str | None = None) -> LoadedModel:
@@ -53,6 +54,8 @@ def load_model(path: str, *, kind: str | None = None) -> LoadedModel:
   if kind == "base" and loaded_kind != "base":
     raise ValueError(f"checkpoint {path} is a SuTI apprentice; a base text-to-image model is needed here "
                      "(e.g. checkpoints/toy_base)")
-  model = SuTIModel(cfg, rngs=nnx.Rngs(0))
+  # Built abstractly, then every weight filled in (strict): no random weights are made, which for a converted
+  # Stable Diffusion saves initialising a billion parameters only to overwrite them.
+  model = nnx.eval_shape(lambda: SuTIModel(cfg, rngs=nnx.Rngs(0)))
   load_weights(model, weights, source=f"checkpoint {path}", strict=True)
   return LoadedModel(model, cfg, os.path.abspath(path), int(meta.get("step", 0)))

@@ -40,9 +40,11 @@ class Sampler:
     self.sample_cfg = sample_settings(cfg.sample, sample_overrides)
     self.graphdef, self.state = nnx.split(model)
     self._tokenize: Callable = model.tokenize
+    self.image_size = model.image_size  # pixels; the UNet denoises latents of noise_shape for a latent model
     m = cfg.model
+    self.noise_shape = (int(m.image_size), int(m.image_size), int(m.out_channels))
     self._fn = make_sample_fn(self.graphdef, make_schedule(cfg.diffusion), self.sample_cfg,
-                              cfg.diffusion.prediction, (int(m.image_size), int(m.image_size), int(m.out_channels)))
+                              cfg.diffusion.prediction, self.noise_shape)
 
   @classmethod
   def for_loaded(cls, loaded: LoadedModel, **kwargs) -> "Sampler":
@@ -55,20 +57,22 @@ class Sampler:
     return cls(cfg, SuTIModel(cfg, rngs=nnx.Rngs(0)), **kwargs)
 
   @property
-  def image_size(self) -> int:
-    return int(self.cfg.model.image_size)
-
-  @property
   def max_neighbors(self) -> int:
     return int(self.cfg.model.num_neighbors)
 
   def sample(self, prompts: Sequence[str], seed: int, *, demos: Sequence[Sequence[np.ndarray]] | None = None,
              demo_captions: Sequence[Sequence[str]] | None = None, weights: Mapping[str, Any] | None = None,
-             progress=None) -> np.ndarray:
+             init_noise: np.ndarray | None = None, progress=None) -> np.ndarray:
     """uint8 [len(prompts), S, S, 3]. demos: per prompt its demo images (uint8, any size), or None for text-only;
     demo_captions: per prompt one caption per demo; weights: flat {'a/b/kernel': array} replacing the model's for
-    this call. Chunk i draws from fold_in(key(seed), i)."""
+    this call; init_noise: x_T per prompt ([len(prompts), *noise_shape] float32, NHWC), else chunk i draws it
+    from fold_in(key(seed), i)."""
     prompts = list(prompts)
+    if init_noise is not None:
+      init_noise = np.asarray(init_noise, np.float32)
+      if init_noise.shape != (len(prompts),) + self.noise_shape:
+        raise ValueError(f"initial noise of shape {init_noise.shape}: this model starts from "
+                         f"{(len(prompts),) + self.noise_shape} ({len(prompts)} images x {self.noise_shape}, NHWC)")
     if demos is not None:
       if self.max_neighbors == 0:
         raise ValueError("this is a base text-to-image model: it takes no demos")
@@ -88,7 +92,8 @@ class Sampler:
                                  image_size=self.image_size, max_neighbors=self.max_neighbors,
                                  tokenize=self._tokenize)
         batch_demos = {k: jnp.asarray(v) for k, v in batch_demos.items()}
-      images = self._fn(state, jnp.asarray(ids), jnp.asarray(mask), batch_demos, jax.random.fold_in(key, i))
+      x_T = None if init_noise is None else jnp.asarray(init_noise[np.asarray(rows)])
+      images = self._fn(state, jnp.asarray(ids), jnp.asarray(mask), batch_demos, jax.random.fold_in(key, i), x_T)
       out.append(to_uint8(jax.device_get(images))[:real])
       if progress is not None:
         progress.update(real)

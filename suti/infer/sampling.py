@@ -64,22 +64,24 @@ def make_model_apply(model: SuTIModel, ids: jax.Array, mask: jax.Array, demos: d
 
 def make_sample_fn(graphdef: nnx.GraphDef, schedule: Schedule, sample_cfg: Any, prediction: str,
                    image_shape: tuple[int, int, int], cache_neighbors: bool = True):
-  """Compiles once: fn(state, ids, mask, demos | None, rng) -> x0 [B,H,W,C] (a jitted function).
+  """Compiles once: fn(state, ids, mask, demos | None, rng, x_T=None) -> images [B,H,W,3] in [-1, 1] (jitted).
 
-  The sampler loop, the guidance, the text encoding and (when cached) the neighbor encoding all live in one
-  XLA program, so a generation costs one dispatch.
+  image_shape is what the UNet denoises (latents for a latent model); x_T, when given, is the start of the
+  chain ([B, *image_shape]; else drawn from rng). The sampler loop, the guidance, the text encoding, (when
+  cached) the neighbor encoding and the model's `decode` all live in one XLA program: one dispatch.
   """
   x0_fn = make_x0_fn(float(sample_cfg.dynamic_threshold))
 
-  def run(state, ids, mask, demos, rng):
+  def run(state, ids, mask, demos, rng, x_T=None):
     model = nnx.merge(graphdef, state)
     apply = make_model_apply(model, ids, mask, demos, cache_neighbors)
     denoise = make_guided_denoiser(apply, sample_cfg, has_neighbors=demos is not None)
     noise_rng, sample_rng = jax.random.split(rng)
-    x_T = jax.random.normal(noise_rng, (ids.shape[0],) + tuple(image_shape), jnp.float32)
+    if x_T is None:
+      x_T = jax.random.normal(noise_rng, (ids.shape[0],) + tuple(image_shape), jnp.float32)
     x0 = run_sampler(denoise, x_T, sample_rng, schedule, int(sample_cfg.steps), sampler=sample_cfg.sampler,
                      prediction=prediction, x0_fn=x0_fn)
-    return jnp.clip(x0, -1.0, 1.0)
+    return model.decode(x0)
 
   return jax.jit(run)
 
@@ -87,7 +89,7 @@ def make_sample_fn(graphdef: nnx.GraphDef, schedule: Schedule, sample_cfg: Any, 
 def generate(model: SuTIModel, schedule: Schedule, prompts: list[str], rng: jax.Array, *,
              demos: dict | None = None, sample_cfg: Any, prediction: str = "eps",
              cache_neighbors: bool = True) -> np.ndarray:
-  """Samples one image per prompt; returns float32 [B,H,W,C] in [-1, 1].
+  """Samples one image per prompt; returns float32 [B,H,W,3] in [-1, 1] (decoded, for a latent model).
 
   sample_cfg: the config's `sample` section (sampler, steps, text_scale, neighbor_scale, guidance_mode,
   interleave_eta, dynamic_threshold). demos as in make_model_apply (images already resized to the model).

@@ -2,7 +2,12 @@
 
   embedded  a small transformer over the byte-level tokenizer, trained with the UNet (no download)
   t5        a T5 v1.1 encoder converted from a local Hugging Face folder (`cfg.text.checkpoint`)
-  clip      a CLIP text transformer converted likewise (e.g. Stable Diffusion's `text_encoder/`)
+  clip      a CLIP text transformer converted likewise (e.g. Stable Diffusion's `text_encoder/`), or, in a
+            checkpoint `suti convert diffusers` wrote, built from `cfg.text.clip_config` (its shape) with the
+            tokenizer in `cfg.text.tokenizer`, the weights coming with the checkpoint
+
+`cfg.text.mask_padding` (t5 / clip, default True) hides padded tokens from the encoder and the UNet; False feeds
+every position unmasked, as Stable Diffusion runs CLIP and its UNet attends to all 77 tokens.
 
 Every encoder has `.tokenize(texts) -> (ids int32 [B, L], mask bool [B, L])` (numpy, host side,
 L = cfg.text.max_length), `__call__(ids, mask) -> (embeddings [B, L, width], pooled [B, width])` and
@@ -19,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from suti.models.clip_text import CLIPTextTransformer
+from suti.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from suti.models.layers import layer_norm, linear, normal_init
 from suti.models.t5 import T5Encoder
 from suti.models.tokenizer import ByteTokenizer, HFTokenizer, find_hf_tokenizer_folder
@@ -126,17 +131,20 @@ class TextEncoder(nnx.Module):
 class PretrainedTextEncoder(nnx.Module):
   """A converted T5 or CLIP text model with its Hugging Face tokenizer (both from local folders)."""
 
-  def __init__(self, model: T5Encoder | CLIPTextTransformer, tokenizer: HFTokenizer, max_length: int):
+  def __init__(self, model: T5Encoder | CLIPTextTransformer, tokenizer: HFTokenizer, max_length: int,
+               mask_padding: bool = True):
     self.model = model
     self.tokenizer = tokenizer
     self.max_length = max_length
+    self.mask_padding = bool(mask_padding)
 
   @property
   def width(self) -> int:
     return self.model.width
 
   def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    return self.tokenizer.encode(texts, self.max_length)
+    ids, mask = self.tokenizer.encode(texts, self.max_length)
+    return ids, mask if self.mask_padding else np.ones_like(mask)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.model(ids, mask)
@@ -154,17 +162,25 @@ def build_text_encoder(cfg_text: Any, *, rngs: nnx.Rngs,
     from suti.models import convert_hf_text  # reads checkpoints; not needed by the embedded encoder
 
     folder = cfg_text.get("checkpoint", "")
-    if not folder:
-      raise ValueError(f"text.kind={kind!r} needs text.checkpoint, a local Hugging Face folder")
-    if not os.path.isdir(folder):
-      raise ValueError(f"text.checkpoint {folder!r} is not a folder")
-    load = convert_hf_text.load_t5_encoder if kind == "t5" else convert_hf_text.load_clip_text
-    tokenizer = HFTokenizer(find_hf_tokenizer_folder(folder, cfg_text.get("tokenizer", "")))
     max_length = cfg_text.get("max_length", 77 if kind == "clip" else 128)
-    model = load(folder, dtype=dtype)
+    if kind == "clip" and not folder and cfg_text.get("clip_config"):
+      model: T5Encoder | CLIPTextTransformer = CLIPTextTransformer(
+          CLIPTextConfig(**dict(cfg_text.clip_config), dtype=dtype), rngs=rngs)
+      tokenizer_folder = cfg_text.get("tokenizer", "")
+      if not tokenizer_folder:
+        raise ValueError("text.clip_config without text.checkpoint needs text.tokenizer, a tokenizer folder")
+      tokenizer = HFTokenizer(find_hf_tokenizer_folder(tokenizer_folder, tokenizer_folder))
+    else:
+      if not folder:
+        raise ValueError(f"text.kind={kind!r} needs text.checkpoint, a local Hugging Face folder")
+      if not os.path.isdir(folder):
+        raise ValueError(f"text.checkpoint {folder!r} is not a folder")
+      load = convert_hf_text.load_t5_encoder if kind == "t5" else convert_hf_text.load_clip_text
+      tokenizer = HFTokenizer(find_hf_tokenizer_folder(folder, cfg_text.get("tokenizer", "")))
+      model = load(folder, dtype=dtype)
     if kind == "clip" and max_length > model.config.max_position_embeddings:
       raise ValueError(f"text.max_length {max_length} exceeds CLIP's {model.config.max_position_embeddings} positions")
-    encoder = PretrainedTextEncoder(model, tokenizer, max_length)
+    encoder = PretrainedTextEncoder(model, tokenizer, max_length, cfg_text.get("mask_padding", True))
   else:
     raise ValueError(f"unknown text.kind {kind!r}; expected one of {', '.join(TEXT_ENCODER_KINDS)}")
   expected = cfg_text.get("width", encoder.width)

@@ -53,10 +53,11 @@ class TrainState:
 
 
 def trainable_filter(cfg: mlc.ConfigDict):
-  """Parameters that get gradients: all of them, minus the text encoder when text.trainable is False."""
-  if cfg.text.trainable:
-    return nnx.Param
-  return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text")))
+  """Parameters that get gradients: all of them, minus the text encoder when text.trainable is False, and never
+  the VAE of a latent model (it stays as loaded)."""
+  frozen = nnx.PathContains("vae") if cfg.text.trainable else nnx.Any(nnx.PathContains("vae"),
+                                                                       nnx.PathContains("text"))
+  return nnx.All(nnx.Param, nnx.Not(frozen))
 
 
 def split_model(model: SuTIModel, cfg: mlc.ConfigDict) -> tuple[nnx.GraphDef, Any, Any]:

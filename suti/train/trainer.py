@@ -112,6 +112,9 @@ class Trainer:
   def __init__(self, cfg: mlc.ConfigDict, workdir: str, *, progress: bool | None = None):
     if not cfg.data.shards:
       raise ValueError("data.shards is empty: pass --config.data.shards=PATH_OR_GLOB")
+    if cfg.get("vae", {}).get("enabled", False):
+      raise ValueError("training a latent model (vae.enabled) is not implemented yet: latent checkpoints "
+                       "sample (suti generate), their training lands next")
     self.cfg, self.workdir = cfg, workdir
     self.primary = jax.process_index() == 0
     self.progress = sys.stderr.isatty() if progress is None else progress

@@ -1,0 +1,166 @@
+"""`suti convert diffusers` and text-to-image `suti generate` on the converted checkpoint, against diffusers' own
+StableDiffusionPipeline on the same tiny random pipeline (built and saved here; nothing is downloaded)."""
+import json
+import os
+import shutil
+import string
+
+import numpy as np
+import pytest
+
+from shared_fixtures import LazyImport
+from suti import cli
+from suti.core.safe_image import decode_image
+from suti.infer.load_model import load_model
+
+pytestmark = pytest.mark.costly(seconds=60)  # cold seconds (--durations): costly files start first
+
+torch = LazyImport("torch")
+diffusers = LazyImport("diffusers")
+transformers = LazyImport("transformers")
+
+PROMPT = "a photo of the dog on the beach"
+LATENT, CHANNELS = 8, 4  # the UNet's sample; the VAE's two levels make 16x16 images
+
+
+def _clip_tokenizer(folder):
+  """A real CLIPTokenizer (byte-pair merges, SD's special tokens, <|endoftext|> as padding) over a tiny vocab."""
+  vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+  vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+  merges = ["t h", "th e</w>", "o n</w>", "d o", "do g</w>"]
+  for merged in ("th", "the</w>", "on</w>", "do", "dog</w>", "<|startoftext|>", "<|endoftext|>"):
+    vocab[merged] = len(vocab)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                    model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  """A tiny StableDiffusionPipeline with SD 1.5's scheduler config, saved as a diffusers folder."""
+  root = tmp_path_factory.mktemp("sd")
+  torch.manual_seed(0)
+  tokenizer = _clip_tokenizer(str(root / "vocab"))
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id))
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=LATENT, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(32, 64),
+      layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+      norm_num_groups=32)
+  vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=CHANNELS,
+                                norm_num_groups=32, sample_size=2 * LATENT,
+                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+  scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                      timestep_spacing="leading")
+  pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+  pipe.save_pretrained(str(root / "pipeline"))
+  return str(root / "pipeline")
+
+
+def _diffusers_image(folder, latents_nhwc, steps, scale):
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+  pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    out = pipe(PROMPT, latents=torch.from_numpy(latents_nhwc.transpose(0, 3, 1, 2).copy()),
+               num_inference_steps=steps, guidance_scale=scale, output_type="np").images
+  return np.round(out * 255).astype(np.uint8)
+
+
+def test_converted_pipeline_generates_diffusers_image(pipeline_dir, tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", str(ckpt)]) == 0
+  assert "suti convert:" in capsys.readouterr().out
+  noise = np.random.default_rng(0).standard_normal((1, LATENT, LATENT, CHANNELS)).astype(np.float32)
+  np.save(tmp_path / "x_T.npy", noise)
+  out = tmp_path / "dog.png"
+  assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--out", str(out), "--sampler",
+                   "ddim", "--steps", "10", "--text-scale", "7.5", "--init-noise", str(tmp_path / "x_T.npy"),
+                   "--no-progress"]) == 0
+  assert "text-to-image" in capsys.readouterr().out
+  ours = decode_image(out.read_bytes())
+  theirs = _diffusers_image(pipeline_dir, noise, 10, 7.5)[0]
+  assert ours.shape == theirs.shape == (2 * LATENT, 2 * LATENT, 3)
+  assert 0.25 < np.mean((theirs > 0) & (theirs < 255)), "random weights that saturate every pixel test nothing"
+  diff = np.abs(ours.astype(int) - theirs.astype(int))
+  assert diff.mean() <= 1.0, f"mean |ours - diffusers| = {diff.mean():.3f} / 255 (max {diff.max()})"
+  # The same x_T with another prompt gives another image: the text really goes through CLIP and the UNet.
+  assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a cat", "--out", str(tmp_path / "cat.png"),
+                   "--sampler", "ddim", "--steps", "10", "--init-noise", str(tmp_path / "x_T.npy"),
+                   "--no-progress"]) == 0
+  assert np.abs(decode_image((tmp_path / "cat.png").read_bytes()).astype(int) - ours).mean() > 2
+
+
+def test_converted_checkpoint_carries_config_and_tokenizer(pipeline_dir, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", str(ckpt)]) == 0
+  moved = tmp_path / "elsewhere"
+  shutil.move(str(ckpt), str(moved))  # the tokenizer travels with the checkpoint
+  loaded = load_model(str(moved))
+  cfg = loaded.cfg
+  assert loaded.kind == "base" and loaded.image_size == 2 * LATENT
+  assert cfg.text.tokenizer == str(moved / "tokenizer") and cfg.text.mask_padding is False
+  assert (cfg.diffusion.schedule, cfg.diffusion.timestep_spacing, cfg.diffusion.steps_offset,
+          cfg.diffusion.set_alpha_to_one, cfg.diffusion.prediction) == ("scaled_linear", "leading", 1, False, "eps")
+  assert cfg.vae.enabled and tuple(cfg.vae.block_out_channels) == (32, 64) and cfg.model.image_size == LATENT
+  ids, mask = loaded.model.tokenize([PROMPT])
+  reference = transformers.AutoTokenizer.from_pretrained(os.path.join(pipeline_dir, "tokenizer"))
+  np.testing.assert_array_equal(ids[0], reference(PROMPT, padding="max_length", max_length=77)["input_ids"])
+  assert mask.all()  # Stable Diffusion: CLIP and the UNet see all 77 positions
+  # Every converted weight equals diffusers' (the UNet's conv_in, the VAE decoder's conv_out, CLIP's tokens).
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
+  m = loaded.model
+  np.testing.assert_array_equal(np.asarray(m.unet.conv_in.kernel[...]),
+                                pipe.unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(m.vae.decoder.conv_out.bias[...]),
+                                pipe.vae.decoder.conv_out.bias.detach().numpy())
+  np.testing.assert_array_equal(np.asarray(m.text.model.token_embedding.embedding[...]),
+                                pipe.text_encoder.get_input_embeddings().weight.detach().numpy())
+  # `suti export` of it carries the tokenizer along too.
+  assert cli.main(["export", "--checkpoint", str(moved), "--out", str(tmp_path / "exported")]) == 0
+  assert os.path.isfile(tmp_path / "exported" / "tokenizer" / "tokenizer_config.json")
+  assert load_model(str(tmp_path / "exported")).cfg.text.tokenizer == str(tmp_path / "exported" / "tokenizer")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_pipeline", "is not a diffusers pipeline: it has no model_index.json"),
+    ("no_vae", "has no vae component"),
+    ("wrong_kind", "has a scheduler of kind 'FlowMatchEulerDiscreteScheduler', which the project cannot take"),
+    ("exists", "already holds a checkpoint (pass --overwrite to replace it)"),
+])
+def test_convert_errors_are_one_line(case, message, pipeline_dir, tmp_path, capsys):
+  src, out = tmp_path / "copy", tmp_path / "out"
+  shutil.copytree(pipeline_dir, src)
+  index = json.loads((src / "model_index.json").read_text())
+  if case == "not_pipeline":
+    (src / "model_index.json").unlink()
+  elif case == "no_vae":
+    index.pop("vae")
+  elif case == "wrong_kind":
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+  elif case == "exists":
+    (out / "0").mkdir(parents=True)
+  if (src / "model_index.json").exists():
+    (src / "model_index.json").write_text(json.dumps(index))
+  assert cli.main(["convert", "diffusers", "--src", str(src), "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err, err
+
+
+def test_init_noise_of_the_wrong_shape_is_one_line(pipeline_dir, tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", str(ckpt)]) == 0
+  np.save(tmp_path / "pixels.npy", np.zeros((1, 2 * LATENT, 2 * LATENT, 3), np.float32))  # pixels, not latents
+  assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--out", str(tmp_path / "o.png"),
+                   "--init-noise", str(tmp_path / "pixels.npy"), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "this model starts from (1, 8, 8, 4)" in err, err
+  assert not (tmp_path / "o.png").exists()
