@@ -62,6 +62,7 @@ def get_config() -> mlc.ConfigDict:
   # images to the UNet's latents and back, and model.image_size is then the latent side. Off: a pixel model.
   c.vae = mlc.ConfigDict()
   c.vae.enabled = False
+  c.vae.checkpoint = ""  # a diffusers vae/ folder whose weights the trainer loads (else train.init_from brings them)
   c.vae.block_out_channels = (64,)
   c.vae.layers_per_block = 1
   c.vae.in_channels = 3

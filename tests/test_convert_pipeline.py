@@ -8,10 +8,14 @@ import string
 import numpy as np
 import pytest
 
-from shared_fixtures import LazyImport
+from shared_fixtures import CONFIGS, TINY_RUN, LazyImport
 from suti import cli
+from suti.checkpoint.store import checkpoint_config, load_params
+from suti.config import apply_override, load_config
+from suti.experts.dreambooth import ExpertTrainer
 from suti.core.safe_image import decode_image
 from suti.infer.load_model import load_model
+from suti.train.trainer import train
 
 pytestmark = pytest.mark.costly(seconds=60)  # cold seconds (--durations): costly files start first
 
@@ -164,3 +168,29 @@ def test_init_noise_of_the_wrong_shape_is_one_line(pipeline_dir, tmp_path, capsy
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "this model starts from (1, 8, 8, 4)" in err, err
   assert not (tmp_path / "o.png").exists()
+
+
+def test_converted_checkpoint_initialises_training_and_experts(pipeline_dir, tiny_base_run, tmp_path):
+  """train.init_from and the experts' base_checkpoint read a converted checkpoint: a latent UNet with a frozen
+  CLIP and VAE trains on 16 px toy images (its VAE's output size)."""
+  ckpt = str(tmp_path / "ckpt")
+  assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", ckpt]) == 0
+  weights, meta = load_params(ckpt)
+  cfg = checkpoint_config(meta)
+  for key, value in TINY_RUN + (("train.steps", "1"), ("train.checkpoint_every", "1"), ("train.init_from", ckpt),
+                                ("data.shards", os.path.join(os.path.dirname(tiny_base_run), "web", "*.tar"))):
+    apply_override(cfg, key, value)
+  train(cfg, str(tmp_path / "run"), progress=False)
+  trained = load_model(str(tmp_path / "run"))
+  assert trained.step == 1 and trained.image_size == 2 * LATENT
+  before = load_model(ckpt).model
+  np.testing.assert_array_equal(np.asarray(trained.model.vae.decoder.conv_out.kernel[...]),
+                                np.asarray(before.vae.decoder.conv_out.kernel[...]))  # frozen
+  assert not np.array_equal(np.asarray(trained.model.unet.conv_in.kernel[...]),
+                            np.asarray(before.unet.conv_in.kernel[...]))  # trained
+  ex = load_config(os.path.join(CONFIGS, "pipeline", "toy_icl.py")).experts
+  ex.prior_weight, ex.steps, ex.batch_size, ex.method = 0.0, 2, 2, "lora"
+  ex.lora.down_ranks, ex.lora.mid_rank, ex.lora.up_ranks = (4, 0), 0, (0, 4)
+  expert = ExpertTrainer(cfg, weights, ex).train(
+      [np.random.default_rng(i).integers(0, 255, (16, 16, 3), np.uint8) for i in range(2)], "dog", "sks")
+  assert np.all(np.isfinite(expert.losses)) and expert.weights

@@ -20,6 +20,7 @@ from suti.core.image_ops import resize_and_crop
 from suti.core.paths import resolve_path
 from suti.experts.dreambooth import ExpertTrainer, expert_token, prepare_images, render_prompt
 from suti.infer.sampler import Sampler
+from suti.models.model import output_size
 
 METHODS = ("suti", "text_only", "dreambooth", "copy")
 
@@ -47,8 +48,8 @@ class MethodRunner:
       raise ValueError("the dreambooth method needs dreambooth.base_checkpoint (a base text-to-image checkpoint)")
     weights, meta = load_params(path)
     base_cfg = checkpoint_config(meta, f"dreambooth.base_checkpoint {path}")
-    if int(base_cfg.model.image_size) != self.size:
-      raise ValueError(f"dreambooth.base_checkpoint renders {base_cfg.model.image_size}px, the apprentice {self.size}px")
+    if output_size(base_cfg) != self.size:
+      raise ValueError(f"dreambooth.base_checkpoint renders {output_size(base_cfg)}px, the apprentice {self.size}px")
     trainer = ExpertTrainer(base_cfg, weights, self.dreambooth_cfg)
     s = self.sampler.sample_cfg
     renderer = Sampler.for_config(base_cfg, batch_size=batch_size, sample_overrides={

@@ -33,7 +33,7 @@ from suti.core.tree_paths import flatten_dict
 from suti.diffusion.schedules import make_schedule
 from suti.models import lora as lora_lib
 from suti.models.load_weights import load_weights
-from suti.models.model import SuTIModel, null_text
+from suti.models.model import SuTIModel, null_text, output_size
 from suti.train.optim import make_optimizer
 from suti.train.step import init_train_state, make_train_step, step_rng
 
@@ -148,12 +148,10 @@ class ExpertTrainer:
     check_settings(experts_cfg)
     if int(base_cfg.model.num_neighbors) != 0:
       raise ValueError("experts fine-tune a base text-to-image model, got an apprentice (model.num_neighbors > 0)")
-    if base_cfg.get("vae", {}).get("enabled", False):
-      raise ValueError("experts of a latent base model (vae.enabled) are not implemented yet")
     self.settings = experts_cfg
     self.cfg = expert_train_config(base_cfg, experts_cfg)
     self.method = experts_cfg.method
-    self.image_size = int(base_cfg.model.image_size)
+    self.image_size = output_size(base_cfg)  # pixels; a latent base's step encodes them
     self.base_weights = {k: np.asarray(v) for k, v in flatten_dict(base_weights).items()}
     model = SuTIModel(self.cfg, rngs=nnx.Rngs(0))
     load_weights(model, base_weights, source="experts.base_checkpoint")

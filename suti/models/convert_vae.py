@@ -100,6 +100,16 @@ def load_diffusers_vae(folder: str) -> AutoencoderKL:
   return nnx.merge(graphdef, convert_diffusers_vae(load_file(safetensors_file(folder)), config))
 
 
+def load_diffusers_vae_into(vae: AutoencoderKL, folder: str) -> None:
+  """Fills `vae` in place from a diffusers `vae/` folder, whose config must describe the same VAE."""
+  config = vae_config_from_diffusers(folder)
+  if config != vae.config:
+    differ = [k for k, v in config.to_dict().items() if v != vae.config.to_dict()[k]]
+    raise ValueError(f"the VAE in {folder} is not the configured one: {', '.join(f'vae.{k}' for k in differ)} "
+                     f"differ ({', '.join(f'{k}={getattr(config, k)!r}' for k in differ)} there)")
+  nnx.update(vae, convert_diffusers_vae(load_file(safetensors_file(folder)), config))
+
+
 def diffusers_vae_state_dict(vae: AutoencoderKL) -> dict[str, np.ndarray]:
   """Our VAE's weights under diffusers' keys and layouts (float32)."""
   return {diffusers_key(path): to_diffusers(np.asarray(v.get_value(), np.float32))

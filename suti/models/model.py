@@ -23,7 +23,7 @@ from suti.models.unet_config import UNetConfig
 from suti.models.vae import AutoencoderKL, VAEConfig
 
 # cfg.vae keys that are not VAEConfig fields.
-_VAE_SWITCHES = ("enabled",)
+_VAE_SWITCHES = ("enabled", "checkpoint")
 
 
 def vae_config(cfg: mlc.ConfigDict) -> VAEConfig | None:

@@ -35,7 +35,7 @@ from flax import nnx
 from suti.diffusion.conditioning import drop_conditioning, mask_neighbors, select_kept
 from suti.diffusion.losses import sample_timesteps, training_targets, weighted_mse
 from suti.diffusion.schedules import Schedule
-from suti.models.model import SuTIModel, null_text
+from suti.models.model import SuTIModel, null_text, vae_config
 from suti.train.optim import make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -103,7 +103,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                     cfg: mlc.ConfigDict, null_ids: jax.Array, null_mask: jax.Array,
                     lr_schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch, jax.Array],
                                                                              tuple[TrainState, dict]]:
-  """Returns step(state, batch, rng) -> (state, metrics); jit it with donate_argnums=0.
+  """Returns step(state, batch, rng) -> (state, metrics); jit it with donate_argnums=0. Batches hold images in
+  model range at the model's output size; a latent model's step encodes them with its frozen VAE first.
 
   null_ids / null_mask: token ids of the empty prompt, [1, L], the text a dropped caption becomes.
   """
@@ -111,6 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   prediction, gamma = d.prediction, float(d.min_snr_gamma)
   accum = int(cfg.train.get("grad_accum_steps", 1))
   ema_decay = float(cfg.train.ema_decay)
+  latent = vae_config(cfg) is not None  # batches hold pixels; the step encodes them (neighbors: the model does)
 
   def draws(rng: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     """Every random number of the step, for the whole batch (independent of grad_accum_steps)."""
@@ -151,7 +153,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     (loss, grads), _ = jax.lax.scan(one, zeros, _micro_batches((batch, r), accum))
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
+  def encode_latents(state: TrainState, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """Pixels -> the latents a latent model denoises: a posterior sample of the frozen VAE, on device."""
+    vae = nnx.merge(graphdef, state.params, state.frozen).vae
+    return jax.lax.stop_gradient(vae.encode_latents(images, rng))
+
   def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+    if latent:
+      rng, vae_rng = jax.random.split(rng)
+      batch = dict(batch, images=encode_latents(state, batch["images"], vae_rng))
     loss, grads = loss_and_grads(state.params, state.frozen, batch, draws(rng, batch))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -33,8 +33,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from suti.checkpoint.store import Checkpointer, load_params
+from suti.core.paths import resolve_path
 from suti.diffusion.schedules import make_schedule
 from suti.infer.sampling import make_sample_fn
+from suti.models.convert_vae import load_diffusers_vae_into
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text
 from suti.train import mesh as mesh_lib
@@ -75,9 +77,15 @@ def build_model(cfg: mlc.ConfigDict) -> SuTIModel:
   cpu = jax.local_devices(backend="cpu")[0]
   with jax.default_device(cpu):
     model = SuTIModel(cfg, rngs=nnx.Rngs(cfg.train.seed))
+    vae_folder = cfg.get("vae", {}).get("checkpoint", "")
+    if model.vae is not None and vae_folder:
+      load_diffusers_vae_into(model.vae, resolve_path(vae_folder))
     if cfg.train.get("init_from", ""):
       weights, _ = load_params(cfg.train.init_from)
       load_weights(model, weights)
+    elif model.vae is not None and not vae_folder:
+      raise ValueError("a latent model (vae.enabled) needs its VAE's weights: set vae.checkpoint (a diffusers vae/ "
+                       "folder) or train.init_from (a checkpoint that has them, e.g. from suti convert diffusers)")
   return model
 
 
@@ -112,9 +120,6 @@ class Trainer:
   def __init__(self, cfg: mlc.ConfigDict, workdir: str, *, progress: bool | None = None):
     if not cfg.data.shards:
       raise ValueError("data.shards is empty: pass --config.data.shards=PATH_OR_GLOB")
-    if cfg.get("vae", {}).get("enabled", False):
-      raise ValueError("training a latent model (vae.enabled) is not implemented yet: latent checkpoints "
-                       "sample (suti generate), their training lands next")
     self.cfg, self.workdir = cfg, workdir
     self.primary = jax.process_index() == 0
     self.progress = sys.stderr.isatty() if progress is None else progress
@@ -148,7 +153,7 @@ class Trainer:
 
   def make_input(self, position: InputPosition | None) -> TrainInput:
     cfg = self.cfg
-    return TrainInput(cfg.data.shards, kind=self.kind, image_size=cfg.model.image_size,
+    return TrainInput(cfg.data.shards, kind=self.kind, image_size=self.model.image_size,
                       batch_size=cfg.train.batch_size // jax.process_count(), tokenize=self.model.tokenize,
                       num_neighbors=cfg.model.num_neighbors, seed=cfg.train.seed,
                       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -322,7 +327,7 @@ class PreviewSampler:
     self.trainer = trainer
     cfg = trainer.cfg
     n = int(cfg.train.num_samples)
-    with TrainInput(cfg.data.shards, kind=trainer.kind, image_size=cfg.model.image_size, batch_size=n,
+    with TrainInput(cfg.data.shards, kind=trainer.kind, image_size=trainer.model.image_size, batch_size=n,
                     tokenize=trainer.model.tokenize, num_neighbors=cfg.model.num_neighbors, seed=cfg.train.seed,
                     shuffle_buffer=1, prefetch=0) as first:
       self.batch = next(first)
