@@ -52,11 +52,12 @@ def test_missing_config_file():
     load_config("configs/nope.py")
 
 
-@pytest.mark.parametrize("name", ["toy.py", "sd15.py", "imagen64.py", "toy_suti.py"])
+@pytest.mark.parametrize("name", ["toy.py", "sd15.py", "imagen64.py", "toy_suti.py", "toy_vae.py", "toy_latent.py",
+                                  "toy_latent_suti.py"])
 def test_every_config_documents_its_command(name):
   path = os.path.join(ROOT, "configs", name)
   cfg = load_config(path)
-  assert cfg.model.num_neighbors >= 0
+  assert cfg.train.get("kind", "diffusion") == "vae" or cfg.model.num_neighbors >= 0
   import ast
   doc = ast.get_docstring(ast.parse(open(path).read()))
   assert doc and "suti " in doc, f"{name} must say in its docstring how to run it"

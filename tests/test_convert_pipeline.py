@@ -8,7 +8,7 @@ import string
 import numpy as np
 import pytest
 
-from shared_fixtures import CONFIGS, TINY_RUN, LazyImport
+from shared_fixtures import CONFIGS, TINY_RUN, LazyImport, write_tiny_checkpoint
 from suti import cli
 from suti.checkpoint.store import checkpoint_config, load_params
 from suti.config import apply_override, load_config
@@ -194,3 +194,31 @@ def test_converted_checkpoint_initialises_training_and_experts(pipeline_dir, tin
   expert = ExpertTrainer(cfg, weights, ex).train(
       [np.random.default_rng(i).integers(0, 255, (16, 16, 3), np.uint8) for i in range(2)], "dog", "sks")
   assert np.all(np.isfinite(expert.losses)) and expert.weights
+
+
+def test_export_diffusers_round_trips_the_pipeline(pipeline_dir, tmp_path):
+  """convert, then `suti export --format diffusers`: diffusers loads the folder with from_pretrained, every weight
+  equals the original pipeline's, and its own pipeline samples the original's image."""
+  ckpt, exported = str(tmp_path / "ckpt"), str(tmp_path / "exported")
+  assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", ckpt]) == 0
+  assert cli.main(["export", "--format", "diffusers", "--checkpoint", ckpt, "--out", exported]) == 0
+  original = diffusers.StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
+  again = diffusers.StableDiffusionPipeline.from_pretrained(exported, safety_checker=None, local_files_only=True)
+  assert type(again.scheduler).__name__ == "DDIMScheduler"
+  for name in ("unet", "vae", "text_encoder"):
+    ours, theirs = getattr(again, name).state_dict(), getattr(original, name).state_dict()
+    assert ours.keys() == theirs.keys(), name
+    for key in theirs:
+      assert torch.equal(ours[key], theirs[key]), f"{name} {key}"
+  for key in ("beta_schedule", "beta_start", "beta_end", "prediction_type", "timestep_spacing", "steps_offset",
+              "set_alpha_to_one", "num_train_timesteps"):
+    assert again.scheduler.config[key] == original.scheduler.config[key], key
+  noise = np.random.default_rng(1).standard_normal((1, LATENT, LATENT, CHANNELS)).astype(np.float32)
+  np.testing.assert_array_equal(_diffusers_image(exported, noise, 5, 7.5), _diffusers_image(pipeline_dir, noise, 5, 7.5))
+
+
+def test_export_diffusers_needs_a_latent_clip_model(tmp_path, capsys):
+  base = write_tiny_checkpoint(str(tmp_path / "base"), "toy.py")
+  assert cli.main(["export", "--format", "diffusers", "--checkpoint", base, "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "this checkpoint has no VAE (vae.enabled is off)" in err, err

@@ -1,6 +1,7 @@
-"""The project's DDIM on a schedule made from a diffusers scheduler config walks the same timesteps and lands on
-the same sample as diffusers' DDIMScheduler (SD 1.5's config: leading + 1, last alpha alphas_cumprod[0]; SD 2's
-style: v prediction, trailing, last alpha 1)."""
+"""The project's DDIM and DPM-Solver++(2M) on a schedule made from a diffusers scheduler config walk the same
+timesteps and land on the same sample as diffusers' DDIMScheduler (SD 1.5's config: leading + 1, last alpha
+alphas_cumprod[0]; SD 2's style: v prediction, trailing, last alpha 1) and DPMSolverMultistepScheduler (dpmsolver++,
+order 2, final sigma 0; leading, linspace and trailing spacing)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +56,22 @@ def test_ddim_matches_diffusers_ddim_scheduler(config):
     one = schedule.replace(set_alpha_to_one=True)
     landed_clean = SM.ddim_sample(denoise, jnp.asarray(x_T), jax.random.key(0), one, 10, prediction=prediction)
     assert np.abs(np.asarray(landed_clean) - x.numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("linspace", 0), ("trailing", 0)])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(spacing, offset):
+  config = dict(SD15, timestep_spacing=spacing, steps_offset=offset)
+  theirs = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=1000, beta_schedule=config["beta_schedule"], beta_start=config["beta_start"],
+      beta_end=config["beta_end"], prediction_type="epsilon", timestep_spacing=spacing, steps_offset=offset,
+      algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+  theirs.set_timesteps(8)
+  np.testing.assert_array_equal(SM.sampling_timesteps(1000, 8, spacing, offset, multistep=True),
+                                theirs.timesteps.numpy())
+  x_T = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
+  x = torch.from_numpy(x_T)
+  for t in theirs.timesteps:
+    x = theirs.step(_model(x, float(t), torch), t, x).prev_sample
+  denoise = lambda x, t, rng: _model(x, t[:, None, None, None].astype(jnp.float32), jnp)
+  ours = SM.dpmpp_2m_sample(denoise, jnp.asarray(x_T), jax.random.key(0), _ours(config), 8, prediction="eps")
+  np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-4, rtol=1e-5)  # |x| reaches 37 here

@@ -91,6 +91,21 @@ def diffusion_from_scheduler(config: Mapping[str, Any]) -> dict[str, Any]:
               set_alpha_to_one=bool(config.get("set_alpha_to_one", _ALPHA_TO_ONE_DEFAULTS.get(kind, True))))
 
 
+def scheduler_from_diffusion(diffusion: Mapping[str, Any]) -> dict[str, Any]:
+  """The project's `diffusion` settings as a diffusers DDIMScheduler config (the inverse of
+  diffusion_from_scheduler)."""
+  schedules = {ours: theirs for theirs, ours in _BETA_SCHEDULES.items()}
+  predictions = {ours: theirs for theirs, ours in _PREDICTIONS.items()}
+  if diffusion["schedule"] not in schedules:
+    raise ValueError(f"diffusion.schedule {diffusion['schedule']!r} has no diffusers beta_schedule")
+  return {"_class_name": "DDIMScheduler", "beta_schedule": schedules[diffusion["schedule"]],
+          "beta_start": float(diffusion["beta_start"]), "beta_end": float(diffusion["beta_end"]),
+          "num_train_timesteps": int(diffusion["num_timesteps"]), "prediction_type": predictions[diffusion["prediction"]],
+          "timestep_spacing": diffusion["timestep_spacing"], "steps_offset": int(diffusion["steps_offset"]),
+          "set_alpha_to_one": bool(diffusion["set_alpha_to_one"]), "clip_sample": False, "thresholding": False,
+          "rescale_betas_zero_snr": False}
+
+
 def read_scheduler(pipeline: DiffusersPipeline) -> dict[str, Any]:
   """The pipeline's scheduler/scheduler_config.json as `diffusion` settings (diffusion_from_scheduler)."""
   file = os.path.join(pipeline.component("scheduler"), "scheduler_config.json")

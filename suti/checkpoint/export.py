@@ -12,6 +12,11 @@ so `load_params`, `suti generate`, `suti eval` and `train.init_from` read it lik
   suti export --checkpoint /tmp/toy_suti --out checkpoints/toy_suti \
       --sample text_scale=2.25 --sample neighbor_scale=2.25
 
+`--format diffusers` writes a latent base model with CLIP text (a converted or trained Stable Diffusion) as a
+diffusers StableDiffusionPipeline folder instead (suti/checkpoint/export_diffusers.py):
+
+  suti export --format diffusers --checkpoint /ckpt/sd15_finetuned --out /models/sd15_finetuned
+
 --sample KEY=VALUE sets a sampling default that generate and eval read from the checkpoint (config section
 `sample`: sampler, steps, text_scale, neighbor_scale, ...); nothing that decides what the weights mean can change.
 """
@@ -24,7 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+from suti.checkpoint.export_diffusers import clear_pipeline_folder, export_pipeline
+from suti.checkpoint.model_from_checkpoint import model_from_checkpoint
 from suti.checkpoint.store import Checkpointer, checkpoint_config, load_params
+from suti.core.paths import resolve_path
 from suti.core.errors import CommandParser, run_user_command
 from suti.diffusion.sample_settings import parse_settings, sample_settings
 
@@ -101,11 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = CommandParser(prog="suti export", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="a suti train workdir, its checkpoints/ or one step")
   parser.add_argument("--out", required=True, help="the folder to write (one step inside)")
+  parser.add_argument("--format", choices=("project", "diffusers"), default="project",
+                      help="project: a small checkpoint of this project; diffusers: a StableDiffusionPipeline folder")
   parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
   parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
   parser.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
                       help="a sampling default stored with the weights (e.g. neighbor_scale=3.0); repeatable")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.format == "diffusers":
+    if args.no_ema or args.sample:
+      raise ValueError("--no-ema and --sample apply to --format project only")
+    clear_pipeline_folder(args.out, args.overwrite)
+    model, cfg, _ = model_from_checkpoint(resolve_path(args.checkpoint))
+    path = export_pipeline(model, cfg, args.out)
+    print(f"suti export: {path} (a diffusers StableDiffusionPipeline folder)")
+    return 0
   path = export_checkpoint(args.checkpoint, args.out, prefer_ema=not args.no_ema, overwrite=args.overwrite,
                            sample=args.sample)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)

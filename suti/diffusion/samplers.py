@@ -9,7 +9,9 @@ Timestep spacing (`sampling_timesteps`), for T training steps and n sampling ste
   "leading": i * (T // n), as in DDIM / Stable Diffusion, starts below T-1 and ends at 0;
   "linspace": round(linspace(0, T-1, n));
 "leading" ones are shifted by the schedule's `steps_offset` (SD: 1, so 901, 801, ..., 1 for 10 steps), as
-diffusers does. Every sampler then takes a last step from its final timestep to clean data (alpha = 1,
+diffusers does. DPM-Solver++ spaces leading and linspace timesteps as diffusers' DPMSolverMultistepScheduler does
+(n + 1 points, the last dropped: leading 910, 819, ..., 91 + offset for 10 steps), so with the same config it
+visits the same timesteps and lands on the same sample (first order at the first and last steps, as there). Every sampler then takes a last step from its final timestep to clean data (alpha = 1,
 sigma = 0), so `steps` equals the number of denoiser calls; DDIM on a schedule with set_alpha_to_one False lands
 on alphas_cumprod[0] instead, as diffusers' DDIMScheduler does. `spacing=None` (the samplers' default) takes the
 schedule's `timestep_spacing`. Unlike diffusers' DDIM, which always steps back by T // n, each step here goes to
@@ -37,15 +39,21 @@ SPACINGS = TIMESTEP_SPACINGS
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
-def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", offset: int = 0) -> np.ndarray:
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", offset: int = 0, *,
+                       multistep: bool = False) -> np.ndarray:
   """The n descending, distinct timesteps a sampler visits (see the module docstring); `offset` shifts the
-  leading ones only, as diffusers' schedulers apply `steps_offset`."""
+  leading ones only, as diffusers' schedulers apply `steps_offset`. multistep: the spacing of diffusers'
+  DPMSolverMultistepScheduler, whose leading and linspace timesteps are n + 1 points with the last (0) dropped."""
   if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
     raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
   if spacing == "trailing":
     ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)) - 1
+  elif spacing == "leading" and multistep:
+    ts = np.round(np.arange(steps + 1) * (num_timesteps // (steps + 1)))[::-1][:-1]
   elif spacing == "leading":
     ts = (np.arange(steps) * (num_timesteps // steps))[::-1]
+  elif spacing == "linspace" and multistep:
+    ts = np.round(np.linspace(0, num_timesteps - 1, steps + 1))[::-1][:-1]
   elif spacing == "linspace":
     ts = np.round(np.linspace(0, num_timesteps - 1, steps))[::-1]
   else:
@@ -67,9 +75,11 @@ class _Plan:
   """Per-step schedule values: alphas_cumprod at the current step and at the next one (`final` at the end: 1,
   or alphas_cumprod[0] for DDIM on a schedule with set_alpha_to_one False)."""
 
-  def __init__(self, schedule: Schedule, steps: int, spacing: str | None, *, follow_alpha_to_one: bool = False):
+  def __init__(self, schedule: Schedule, steps: int, spacing: str | None, *, follow_alpha_to_one: bool = False,
+               multistep: bool = False):
     spacing = schedule.timestep_spacing if spacing is None else spacing
-    self.timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing, schedule.steps_offset)
+    self.timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing, schedule.steps_offset,
+                                        multistep=multistep)
     self.steps = steps
     self.acp = schedule.alphas_cumprod[self.timesteps]
     final = (schedule.alphas_cumprod[:1] if follow_alpha_to_one and not schedule.set_alpha_to_one
@@ -168,7 +178,7 @@ def dpmpp_2m_sample(denoise_fn: Denoiser, x_T: jax.Array, rng: jax.Array, schedu
     x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} * expm1(-h_i) * D.
   The last step (to sigma = 0, lambda = inf) is first order and returns x0 of the final call."""
   check_prediction(prediction)
-  plan = _Plan(schedule, steps, spacing)
+  plan = _Plan(schedule, steps, spacing, multistep=True)
   lam = 0.5 * (jnp.log(plan.acp) - jnp.log1p(-plan.acp))
   # lambda of the next step; the clean endpoint gets a finite stand-in (its result is replaced).
   lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])

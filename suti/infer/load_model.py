@@ -10,11 +10,9 @@ import os
 from dataclasses import dataclass
 
 import ml_collections as mlc
-from flax import nnx
 
-from suti.checkpoint.store import checkpoint_config, load_params
+from suti.checkpoint.model_from_checkpoint import model_from_checkpoint
 from suti.core.paths import resolve_path
-from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel
 
 KINDS = ("apprentice", "base")
@@ -45,8 +43,7 @@ def load_model(path: str, *, kind: str | None = None) -> LoadedModel:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  weights, meta = load_params(path)
-  cfg = checkpoint_config(meta, f"checkpoint {path}")
+  model, cfg, meta = model_from_checkpoint(path)
   loaded_kind = "apprentice" if int(cfg.model.num_neighbors) > 0 else "base"
   if kind == "apprentice" and loaded_kind != "apprentice":
     raise ValueError(f"checkpoint {path} is a base text-to-image model (model.num_neighbors = 0); few-shot "
@@ -54,8 +51,4 @@ def load_model(path: str, *, kind: str | None = None) -> LoadedModel:
   if kind == "base" and loaded_kind != "base":
     raise ValueError(f"checkpoint {path} is a SuTI apprentice; a base text-to-image model is needed here "
                      "(e.g. checkpoints/toy_base)")
-  # Built abstractly, then every weight filled in (strict): no random weights are made, which for a converted
-  # Stable Diffusion saves initialising a billion parameters only to overwrite them.
-  model = nnx.eval_shape(lambda: SuTIModel(cfg, rngs=nnx.Rngs(0)))
-  load_weights(model, weights, source=f"checkpoint {path}", strict=True)
   return LoadedModel(model, cfg, os.path.abspath(path), int(meta.get("step", 0)))

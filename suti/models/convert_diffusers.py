@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from suti.models.diffusers_layout import check_shapes, key_map, safetensors_file, to_ours
+from suti.models.diffusers_layout import check_shapes, key_map, safetensors_file, to_diffusers, to_ours
 from suti.models.neighbors import is_neighbor_param
 from suti.models.unet import UNet
 from suti.models.unet_config import RESNET_TIME_SCALE_SHIFTS, UNetConfig
@@ -67,6 +67,45 @@ def load_diffusers_unet(path: str, unet: UNet) -> None:
 
   state_dict = load_file(safetensors_file(path))
   nnx.update(unet, convert_diffusers_unet(state_dict, unet.config))
+
+
+def diffusers_unet_state_dict(unet: UNet) -> dict[str, np.ndarray]:
+  """A base UNet's weights under diffusers' keys and layouts (float32); ValueError for an apprentice."""
+  if unet.config.num_neighbors:
+    raise ValueError("a SuTI apprentice's neighbor layers have no diffusers counterpart: export its base model")
+  conv_projections = not unet.config.use_linear_projection  # SD 1.5: the transformers' proj_in / out are 1x1 convs
+  ours = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
+  out = {}
+  for key, (path, _) in diffusers_key_map(unet.config).items():
+    value = np.asarray(ours[path].get_value(), np.float32)
+    is_projection = key.endswith((".proj_in.weight", ".proj_out.weight")) and ".ff." not in key
+    out[key] = to_diffusers(value, conv_1x1=conv_projections and is_projection and value.ndim == 2)
+  return out
+
+
+def diffusers_unet_config(config: UNetConfig) -> dict[str, Any]:
+  """Our UNetConfig as a diffusers UNet2DConditionModel config.json; ValueError for what diffusers lacks."""
+  if config.text_in_time_embedding:
+    raise ValueError("model.text_in_time_embedding=True (pooled text in the time embedding) has no diffusers "
+                     "UNet2DConditionModel counterpart")
+  if config.num_neighbors:
+    raise ValueError("a SuTI apprentice's neighbor layers have no diffusers counterpart: export its base model")
+  heads = config.num_attention_heads
+  tlayers = config.transformer_layers_per_block
+  return {
+      "_class_name": "UNet2DConditionModel", "sample_size": config.image_size, "in_channels": config.in_channels,
+      "out_channels": config.out_channels, "block_out_channels": list(config.block_out_channels),
+      "layers_per_block": config.layers_per_block, "down_block_types": list(config.down_block_types),
+      "up_block_types": list(config.up_block_types), "mid_block_type": config.mid_block_type,
+      # diffusers' attention_head_dim holds the number of heads (its num_attention_heads cannot be set)
+      "attention_head_dim": list(heads) if isinstance(heads, tuple) else heads,
+      "cross_attention_dim": config.cross_attention_dim,
+      "transformer_layers_per_block": list(tlayers) if isinstance(tlayers, tuple) else tlayers,
+      "norm_num_groups": config.norm_num_groups, "norm_eps": config.norm_eps,
+      "resnet_time_scale_shift": config.resnet_time_scale_shift, "use_linear_projection": config.use_linear_projection,
+      "flip_sin_to_cos": config.flip_sin_to_cos, "freq_shift": config.freq_shift, "act_fn": "silu",
+      **_UNSUPPORTED_DEFAULTS,
+  }
 
 
 def unet_config_from_diffusers(config_json: Mapping[str, Any] | str, **overrides: Any) -> UNetConfig:

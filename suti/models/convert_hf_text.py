@@ -105,25 +105,52 @@ def t5_param_map(weights: Weights, config: T5EncoderConfig) -> dict[Path, np.nda
   return params
 
 
-def clip_text_param_map(weights: Weights, config: CLIPTextConfig) -> dict[Path, np.ndarray]:
-  """Our CLIPTextTransformer parameter paths -> arrays (Linear kernels transposed to [in, out])."""
-  prefix = _prefix_of(weights, "embeddings.token_embedding.weight", "CLIP text")
-  params = {
-      ("token_embedding", "embedding"): _take(weights, prefix + "embeddings.token_embedding.weight"),
-      ("position_embedding",): _take(weights, prefix + "embeddings.position_embedding.weight"),
-      ("final_layer_norm", "scale"): _take(weights, prefix + "final_layer_norm.weight"),
-      ("final_layer_norm", "bias"): _take(weights, prefix + "final_layer_norm.bias"),
+def clip_text_names(config: CLIPTextConfig, prefix: str = "text_model.") -> dict[Path, tuple[str, bool]]:
+  """Our CLIPTextTransformer parameter paths -> (Hugging Face weight name, whether the array is transposed: the
+  Linear kernels, [in, out] here and [out, in] there)."""
+  names = {
+      ("token_embedding", "embedding"): (prefix + "embeddings.token_embedding.weight", False),
+      ("position_embedding",): (prefix + "embeddings.position_embedding.weight", False),
+      ("final_layer_norm", "scale"): (prefix + "final_layer_norm.weight", False),
+      ("final_layer_norm", "bias"): (prefix + "final_layer_norm.bias", False),
   }
   for i in range(config.num_hidden_layers):
     layer = f"{prefix}encoder.layers.{i}."
     for ours, theirs in (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"),
                          ("out_proj", "self_attn.out_proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-      params[("layers", i, ours, "kernel")] = _take(weights, f"{layer}{theirs}.weight").T
-      params[("layers", i, ours, "bias")] = _take(weights, f"{layer}{theirs}.bias")
+      names[("layers", i, ours, "kernel")] = (f"{layer}{theirs}.weight", True)
+      names[("layers", i, ours, "bias")] = (f"{layer}{theirs}.bias", False)
     for norm in ("layer_norm1", "layer_norm2"):
-      params[("layers", i, norm, "scale")] = _take(weights, f"{layer}{norm}.weight")
-      params[("layers", i, norm, "bias")] = _take(weights, f"{layer}{norm}.bias")
-  return params
+      names[("layers", i, norm, "scale")] = (f"{layer}{norm}.weight", False)
+      names[("layers", i, norm, "bias")] = (f"{layer}{norm}.bias", False)
+  return names
+
+
+def clip_text_param_map(weights: Weights, config: CLIPTextConfig) -> dict[Path, np.ndarray]:
+  """Our CLIPTextTransformer parameter paths -> arrays (Linear kernels transposed to [in, out])."""
+  prefix = _prefix_of(weights, "embeddings.token_embedding.weight", "CLIP text")
+  return {path: _take(weights, name).T if transposed else _take(weights, name)
+          for path, (name, transposed) in clip_text_names(config, prefix).items()}
+
+
+def clip_text_state_dict(model: CLIPTextTransformer) -> dict[str, np.ndarray]:
+  """Our CLIP text weights under Hugging Face CLIPTextModel's names and layouts (float32)."""
+  names = clip_text_names(model.config)
+  out = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transposed = names[tuple(path)]
+    value = np.asarray(variable.get_value(), np.float32)
+    out[name] = np.ascontiguousarray(value.T if transposed else value)
+  return out
+
+
+def hf_clip_text_config(config: CLIPTextConfig) -> dict:
+  """A CLIPTextModel config.json for `config` (what transformers' from_pretrained reads)."""
+  return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": config.vocab_size,
+          "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+          "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+          "max_position_embeddings": config.max_position_embeddings, "hidden_act": config.hidden_act,
+          "layer_norm_eps": config.layer_norm_eps, "eos_token_id": config.eos_token_id, "torch_dtype": "float32"}
 
 
 def _fill(build: Callable[[], nnx.Module], params: dict[Path, np.ndarray]) -> nnx.Module:

@@ -73,13 +73,14 @@ def to_ours(value: np.ndarray, want_ndim: int) -> np.ndarray:
   return np.ascontiguousarray(value)
 
 
-def to_diffusers(value: np.ndarray) -> np.ndarray:
-  """One of our arrays in diffusers' layout (conv HWIO -> OIHW, Linear (in, out) -> (out, in))."""
+def to_diffusers(value: np.ndarray, conv_1x1: bool = False) -> np.ndarray:
+  """One of our arrays in diffusers' layout (conv HWIO -> OIHW, Linear (in, out) -> (out, in); with conv_1x1, a
+  Linear of ours that is a 1x1 convolution there -> (out, in, 1, 1))."""
   value = np.asarray(value)
   if value.ndim == 4:
     value = value.transpose(3, 2, 0, 1)
   elif value.ndim == 2:
-    value = value.T
+    value = value.T[:, :, None, None] if conv_1x1 else value.T
   return np.ascontiguousarray(value)
 
 

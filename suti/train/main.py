@@ -1,7 +1,7 @@
 """`suti train --config FILE --workdir DIR [--config.key=value ...]`: base or apprentice training.
 
 The config says which (model.num_neighbors = 0: text-to-image pretraining on image-text pair shards; > 0: SuTI
-apprentice training on ICL shards). Running the same command on the same workdir resumes the run. Multi-host:
+apprentice training on ICL shards; train.kind = "vae": the toy VAE of a latent model, configs/toy_vae.py). Running the same command on the same workdir resumes the run. Multi-host:
 the same command on every host with `--distributed` (TPU pods, SLURM, MPI: JAX finds its peers) or with
 `--coordinator HOST:PORT --num-processes N --process-id I`. See launch/README.md.
 """
@@ -15,6 +15,7 @@ from suti.config import load_config, split_overrides
 from suti.core.errors import CommandParser, run_user_command
 from suti.train.distributed import DistributedArgs, initialize
 from suti.train.trainer import train
+from suti.train.vae_trainer import train_vae
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers see a job that was stopped, and requeue it
 
@@ -40,9 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = split_overrides(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
   cfg = load_config(args.config, overrides)
+  if cfg.train.get("kind", "diffusion") == "vae":
+    report = train_vae(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+    if report:
+      print(f"suti train: VAE done, held-out PSNR {report['heldout_psnr_db']:.2f} dB, scaling factor "
+            f"{report['scaling_factor']:.4f} -> {args.workdir}/vae (report.json beside it)")
+    return 0
   initialize(DistributedArgs.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
-
-
   result = train(cfg, args.workdir, max_steps=args.max_steps, progress=False if args.no_progress else None)
   return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
 

@@ -1,0 +1,81 @@
+"""`suti train --config configs/toy_vae.py`: deterministic toy batches, exact resume, the diffusers vae/ folder and
+report it leaves, and the PSNR it reports."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from shared_fixtures import CONFIGS
+from suti import cli
+from suti.checkpoint.store import Checkpointer
+from suti.config import load_config
+from suti.models.convert_vae import load_diffusers_vae
+from suti.train import vae_trainer
+
+pytestmark = pytest.mark.costly(seconds=30)  # cold seconds (--durations): costly files start first
+
+TINY = ("--config.vae.block_out_channels=(8, 16)", "--config.vae.norm_num_groups=4", "--config.vae.sample_size=16",
+        "--config.data.image_size=16", "--config.train.batch_size=4", "--config.train.steps=4",
+        "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.train.warmup_steps=1",
+        "--config.eval.images=8")
+
+
+def _train(workdir, *extra):
+  return cli.main(["train", "--config", os.path.join(CONFIGS, "toy_vae.py"), "--workdir", str(workdir),
+                   "--no-progress", *TINY, *extra])
+
+
+def _params(workdir):
+  cfg = load_config(os.path.join(CONFIGS, "toy_vae.py"), [a[len("--config."):] for a in TINY])
+  _, params = nnx.split(vae_trainer.AutoencoderKL(vae_trainer.vae_architecture(cfg), rngs=nnx.Rngs(0)), nnx.Param)
+  tx, _ = vae_trainer.make_optimizer(cfg.train)
+  abstract = vae_trainer.VAETrainState(np.zeros((), np.int32), params, tx.init(params))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    step, state, _ = checkpointer.restore(abstract)
+  finally:
+    checkpointer.close()
+  return step, {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state.params)}
+
+
+def test_toy_renders_are_deterministic_and_split():
+  a = vae_trainer.toy_renders(0, 5, 3, 16)
+  assert a.shape == (3, 16, 16, 3) and a.dtype == np.float32 and -1 <= a.min() and a.max() <= 1
+  np.testing.assert_array_equal(a, vae_trainer.toy_renders(0, 5, 3, 16))
+  assert not np.array_equal(a, vae_trainer.toy_renders(0, 6, 3, 16))
+  assert not np.array_equal(a, vae_trainer.toy_renders(0, 5, 3, 16, split="heldout"))
+
+
+def test_psnr_closed_form():
+  a = np.zeros((2, 4, 4, 3), np.float32)
+  b = a + np.array([0.2, 0.02], np.float32)[:, None, None, None]
+  np.testing.assert_allclose(vae_trainer.psnr(a, b), [20.0, 40.0], rtol=1e-6)  # 10 log10(2^2 / 0.2^2)
+
+
+def test_train_vae_resumes_exactly_and_ships_a_diffusers_folder(tmp_path, capsys):
+  assert _train(tmp_path / "straight") == 0
+  assert "VAE done, held-out PSNR" in capsys.readouterr().out
+  assert _train(tmp_path / "resumed", "--max-steps", "2") == 0
+  assert not os.path.exists(tmp_path / "resumed" / "vae")  # stopped early: nothing shipped yet
+  assert _train(tmp_path / "resumed") == 0
+  step_a, straight = _params(tmp_path / "straight")
+  step_b, resumed = _params(tmp_path / "resumed")
+  assert step_a == step_b == 4 and straight.keys() == resumed.keys()
+  for name in straight:
+    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+
+  report = json.loads((tmp_path / "straight" / "report.json").read_text())
+  assert report["steps"] == 4 and report["heldout_images"] == 8 and report["latent_shape"] == [8, 8, 4]
+  vae = load_diffusers_vae(str(tmp_path / "straight" / "vae"))
+  np.testing.assert_allclose(vae.config.scaling_factor, 1.0 / report["latent_std"], rtol=1e-6)
+  shipped = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
+  assert shipped.keys() == straight.keys()
+  for name in straight:
+    np.testing.assert_array_equal(shipped[name], straight[name], err_msg=name)
+  # The report's PSNR is that of the shipped VAE on the same held-out renders.
+  cfg = load_config(os.path.join(CONFIGS, "toy_vae.py"), [a[len("--config."):] for a in TINY])
+  np.testing.assert_allclose(vae_trainer.evaluate(vae, cfg)["heldout_psnr_db"], report["heldout_psnr_db"], rtol=1e-5)
+  lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]  # one line per step, none repeated by the restart
