@@ -38,4 +38,8 @@ def get_config() -> mlc.ConfigDict:
 
   c.eval = mlc.ConfigDict()
   c.eval.images = 256  # held-out renders for the PSNR of report.json
+  # The eval's toy identity metric (configs/eval/toy.py) on those renders before and after encode-decode.
+  c.eval.clip_model = "toy-ViT-32"
+  c.eval.clip_checkpoint = "checkpoints/toy_clip/open_clip_model.safetensors"
+  c.eval.identity_candidates = 10  # as configs/eval/toy.py: the true subject + 9 held-out ones of its class
   return c

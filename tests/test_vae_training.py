@@ -11,6 +11,8 @@ from shared_fixtures import CONFIGS
 from suti import cli
 from suti.checkpoint.store import Checkpointer
 from suti.config import load_config
+from suti.core.paths import resolve_path
+from suti.embed.clip import ClipEmbedder
 from suti.models.convert_vae import load_diffusers_vae
 from suti.train import vae_trainer
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.costly(seconds=30)  # cold seconds (--durations): costl
 TINY = ("--config.vae.block_out_channels=(8, 16)", "--config.vae.norm_num_groups=4", "--config.vae.sample_size=16",
         "--config.data.image_size=16", "--config.train.batch_size=4", "--config.train.steps=4",
         "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.train.warmup_steps=1",
-        "--config.eval.images=8")
+        "--config.eval.images=8", "--config.eval.identity_candidates=3")
 
 
 def _train(workdir, *extra):
@@ -68,6 +70,7 @@ def test_train_vae_resumes_exactly_and_ships_a_diffusers_folder(tmp_path, capsys
 
   report = json.loads((tmp_path / "straight" / "report.json").read_text())
   assert report["steps"] == 4 and report["heldout_images"] == 8 and report["latent_shape"] == [8, 8, 4]
+  assert 0 <= report["identity_top1_after_encode_decode"] <= 1 and report["identity_candidates"] == 3
   vae = load_diffusers_vae(str(tmp_path / "straight" / "vae"))
   np.testing.assert_allclose(vae.config.scaling_factor, 1.0 / report["latent_std"], rtol=1e-6)
   shipped = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
@@ -79,3 +82,15 @@ def test_train_vae_resumes_exactly_and_ships_a_diffusers_folder(tmp_path, capsys
   np.testing.assert_allclose(vae_trainer.evaluate(vae, cfg)["heldout_psnr_db"], report["heldout_psnr_db"], rtol=1e-5)
   lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3, 4]  # one line per step, none repeated by the restart
+
+
+def test_identity_fidelity_of_unchanged_renders_is_that_of_the_renders():
+  cfg = load_config(os.path.join(CONFIGS, "toy_vae.py"))
+  clip = ClipEmbedder(cfg.eval.clip_model, resolve_path(cfg.eval.clip_checkpoint))
+  images, subjects = vae_trainer.toy_renders_of(0, 0, 6, 32, split="heldout")
+  same = vae_trainer.identity_fidelity(clip, images, images.copy(), subjects, 10)
+  assert same["identity_top1_true_renders"] == same["identity_top1_after_encode_decode"]
+  assert same["identity_top1_true_renders"] > 0.5  # the toy CLIP tells the subjects apart
+  np.testing.assert_allclose(same["clip_cosine_render_vs_reconstruction"], 1.0, rtol=1e-5)
+  flat = vae_trainer.identity_fidelity(clip, images, np.full_like(images, 128), subjects, 10)
+  assert flat["clip_cosine_render_vs_reconstruction"] < 0.9  # gray squares: another picture

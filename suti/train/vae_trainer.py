@@ -9,7 +9,9 @@ divided by the pixels per image so the learning rate does not depend on the imag
 The workdir holds Orbax checkpoints (resumable), metrics.jsonl, and at the end:
   vae/           the diffusers vae/ folder (what `vae.checkpoint` and AutoencoderKL.from_pretrained read), with
                  scaling_factor = 1 / std of the train renders' latents, as Stable Diffusion chose 0.18215
-  report.json    reconstruction PSNR on held-out subjects' renders, the latent statistics, steps and time
+  report.json    reconstruction PSNR on held-out subjects' renders, the latent statistics, steps and time, and
+                 (eval.clip_checkpoint) the eval's toy identity metric on those renders before and after
+                 encode-decode: what the VAE costs the identity a latent model can show at best
 """
 from __future__ import annotations
 
@@ -30,10 +32,13 @@ from tqdm import tqdm
 
 from suti.checkpoint.store import Checkpointer
 from suti.core.atomic_io import atomic_write_json
-from suti.core.image_ops import to_model_range
+from suti.core.image_ops import to_model_range, to_uint8
+from suti.core.paths import resolve_path
+from suti.embed.clip import ClipEmbedder
 from suti.models.convert_vae import save_diffusers_vae
 from suti.models.vae import AutoencoderKL, VAEConfig, kl_to_standard_normal, posterior_sample
-from suti.toy.world import render, sample_context, subjects_of_split
+from suti.toy.truth import distractors, reference_renders
+from suti.toy.world import Subject, render, sample_context, subjects_of_split
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
 
@@ -60,10 +65,16 @@ def toy_renders(seed: int, index: int, count: int, size: int, split: str = "trai
                 stream: int = TRAIN_STREAM) -> np.ndarray:
   """`count` renders (float32 [count, size, size, 3] in [-1, 1]) of random `split` subjects in random contexts;
   the same (seed, index, stream) always gives the same images."""
+  return to_model_range(toy_renders_of(seed, index, count, size, split, stream)[0])
+
+
+def toy_renders_of(seed: int, index: int, count: int, size: int, split: str = "train",
+                   stream: int = TRAIN_STREAM) -> tuple[np.ndarray, list[Subject]]:
+  """toy_renders as uint8, with the subject of each image."""
   rng = np.random.default_rng([int(seed), int(index), int(stream)])
-  subjects = subjects_of_split(split)
-  picks = rng.integers(0, len(subjects), count)
-  return np.stack([to_model_range(render(subjects[i], sample_context(rng), size=size)) for i in picks])
+  pool = subjects_of_split(split)
+  subjects = [pool[i] for i in rng.integers(0, len(pool), count)]
+  return np.stack([render(subject, sample_context(rng), size=size) for subject in subjects]), subjects
 
 
 def vae_loss(vae: AutoencoderKL, images: jax.Array, rng: jax.Array, kl_weight: float) -> tuple[jax.Array, dict]:
@@ -95,18 +106,50 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate(vae: AutoencoderKL, cfg: mlc.ConfigDict) -> dict:
-  """Reconstruction PSNR (posterior mean) on held-out subjects' renders, and the train renders' latent std."""
+  """Reconstruction PSNR (posterior mean) on held-out subjects' renders, the train renders' latent statistics,
+  and with a CLIP (eval.clip_checkpoint) the toy identity metric of the renders before and after encode-decode."""
   size, n = int(cfg.data.image_size), int(cfg.eval.images)
   encode = jax.jit(lambda v, x: v.encode(x)[0])
   decode = jax.jit(lambda v, z: jnp.clip(v.decode(z), -1.0, 1.0))
-  held_out = toy_renders(int(cfg.train.seed), 0, n, size, split="heldout", stream=HELDOUT_STREAM)
+  originals, subjects = toy_renders_of(int(cfg.train.seed), 0, n, size, split="heldout", stream=HELDOUT_STREAM)
+  held_out = to_model_range(originals)
   recon = np.concatenate([np.asarray(decode(vae, encode(vae, held_out[i:i + 64]))) for i in range(0, n, 64)])
   train_renders = toy_renders(int(cfg.train.seed), 0, n, size, stream=STATS_STREAM)
   latents = np.concatenate([np.asarray(encode(vae, train_renders[i:i + 64])) for i in range(0, n, 64)])
   scores = psnr(recon, held_out)
-  return {"heldout_psnr_db": float(scores.mean()), "heldout_psnr_db_p10": float(np.percentile(scores, 10)),
-          "heldout_images": n, "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
-          "latent_shape": list(latents.shape[1:])}
+  report = {"heldout_psnr_db": float(scores.mean()), "heldout_psnr_db_p10": float(np.percentile(scores, 10)),
+            "heldout_images": n, "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
+            "latent_shape": list(latents.shape[1:])}
+  if cfg.eval.get("clip_checkpoint", ""):
+    clip = ClipEmbedder(cfg.eval.clip_model, resolve_path(cfg.eval.clip_checkpoint))
+    report.update(identity_fidelity(clip, originals, to_uint8(recon), subjects, int(cfg.eval.identity_candidates)))
+  return report
+
+
+def identity_fidelity(clip: ClipEmbedder, originals: np.ndarray, reconstructions: np.ndarray,
+                      subjects: list[Subject], candidates: int, references: int = 4) -> dict:
+  """The eval's toy identity metric on true renders and on their encode-decode reconstructions: how often the
+  true subject ranks first among itself and `candidates - 1` same-class held-out distractors (mean CLIP cosine to
+  each candidate's reference renders), and the CLIP cosine between each render and its reconstruction."""
+  size = originals.shape[1]
+  refs: dict[str, np.ndarray] = {}
+
+  def reference(subject: Subject) -> np.ndarray:
+    if subject.id not in refs:
+      refs[subject.id] = clip.images(reference_renders(subject, references, size))
+    return refs[subject.id]
+
+  before, after = clip.images(list(originals)), clip.images(list(reconstructions))
+  top1 = {"before": [], "after": []}
+  for i, subject in enumerate(subjects):
+    pool = [subject] + distractors(subject, candidates - 1)
+    for name, emb in (("before", before[i]), ("after", after[i])):
+      sims = [float((reference(s) @ emb).mean()) for s in pool]
+      top1[name].append(int(np.argmax(sims) == 0))
+  return {"identity_top1_true_renders": float(np.mean(top1["before"])),
+          "identity_top1_after_encode_decode": float(np.mean(top1["after"])),
+          "clip_cosine_render_vs_reconstruction": float(np.mean(np.sum(before * after, axis=1))),
+          "identity_candidates": int(candidates)}
 
 
 def train_vae(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None, progress: bool = True) -> dict:
