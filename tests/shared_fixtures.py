@@ -84,7 +84,7 @@ def detokenize(ids: np.ndarray) -> str:
 
 
 def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, seed: int = 0,
-                          live_neighbors: bool = False) -> str:
+                          live_neighbors: bool = False, overrides=()) -> str:
   """An untrained tiny model (tiny_config) saved as a weights checkpoint in `out_dir`, as `suti export` writes one.
 
   live_neighbors: the zero-initialised output projections of the neighbor attention get random values, so the
@@ -94,7 +94,7 @@ def write_tiny_checkpoint(out_dir: str, config_name: str = "toy_suti.py", *, see
 
   from suti.models.model import SuTIModel
   from suti.checkpoint.export import save_weights
-  cfg = tiny_config(config_name)
+  cfg = tiny_config(config_name, overrides)
   model = SuTIModel(cfg, rngs=nnx.Rngs(seed))
   weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if live_neighbors:

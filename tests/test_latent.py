@@ -1,5 +1,7 @@
 """Latent models (vae.enabled): the train step encodes with the frozen VAE, `suti train` runs end to end from a
-diffusers vae/ folder, its checkpoint samples at the VAE's resolution, and latent DreamBooth experts train."""
+diffusers vae/ folder, its checkpoint samples at the VAE's resolution, latent DreamBooth experts train, and the latent
+toy configs (tiny) evaluate end to end."""
+import json
 import os
 
 import jax
@@ -8,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from shared_fixtures import CONFIGS, TINY_MODEL_OVERRIDES, TINY_RUN, tiny_config
+from shared_fixtures import CONFIGS, TINY_MODEL_OVERRIDES, TINY_RUN, tiny_config, write_tiny_checkpoint
 from suti import cli
 from suti.config import load_config
+from suti.core.safe_image import decode_image
 from suti.core.tree_paths import flatten_dict
 from suti.diffusion.schedules import make_schedule
 from suti.experts.dreambooth import ExpertTrainer
@@ -20,6 +23,7 @@ from suti.models.convert_vae import save_diffusers_vae
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text, vae_config
 from suti.models.vae import AutoencoderKL
+from suti.toy.web import write_toyweb
 from suti.train.optim import make_optimizer
 from suti.train.step import create_train_state, make_train_step
 
@@ -141,3 +145,23 @@ def test_latent_lora_expert_trains_and_leaves_the_vae_alone():
   flat = flatten_dict(weights)
   assert all(np.array_equal(merged[k], flat[k]) for k in flat if k.startswith("vae/"))
   assert any(not np.array_equal(merged[k], flat[k]) for k in flat if k.startswith("unet/"))
+
+
+def test_latent_apprentice_and_dreambooth_evaluate_end_to_end(tmp_path):
+  """configs/toy_latent_suti.py and configs/toy_latent.py (tiny): `suti eval` runs the apprentice (demos encoded to
+  latents), text-only and latent DreamBooth experts, and writes images at the VAE's output size."""
+  write_toyweb(str(tmp_path / "web"), 2, seed=0, benchmark_per_class=1)
+  app = write_tiny_checkpoint(str(tmp_path / "app"), "toy_latent_suti.py", live_neighbors=True, overrides=LATENT)
+  base = write_tiny_checkpoint(str(tmp_path / "base"), "toy_latent.py", overrides=LATENT)
+  out = tmp_path / "out"
+  assert cli.main(["eval", "--checkpoint", app, "--benchmark", str(tmp_path / "web" / "benchmark"), "--out", str(out),
+                   "--no-progress", "--config.eval.max_subjects=1", "--config.eval.max_prompts=2",
+                   "--config.eval.images_per_prompt=1", "--config.eval.batch_size=2", "--config.sample.steps=2",
+                   f"--config.dreambooth.base_checkpoint={base}", "--config.dreambooth.steps=2",
+                   "--config.dreambooth.num_class_images=2", "--config.eval.report_prompts=1"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert {"suti", "text_only", "dreambooth"} <= set(metrics["methods"])
+  subject = next(iter(metrics["per_subject"]))
+  for method in ("suti", "text_only", "dreambooth"):
+    image = decode_image((out / "images" / method / subject / "00_0.png").read_bytes())
+    assert image.shape == (16, 16, 3), method
