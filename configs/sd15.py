@@ -1,12 +1,18 @@
-"""Stable Diffusion 1.5's UNet shape (859,520,964 parameters with neighbors off), for conversion and scale.
+"""Stable Diffusion 1.5 (UNet 859,520,964 parameters with neighbors off): the full-scale latent recipe.
 
-Latent space (4 channels at 64x64 for 512 px images) with CLIP ViT-L/14 text (768 wide, 77 tokens).
-A diffusers-format UNet (safetensors) converts into this model, and the sampling settings follow SD 1.5's DDIM
-scheduler config; the VAE is SD's AutoencoderKL (83,653,863 parameters, frozen). A whole local diffusers folder
-converts into one checkpoint of this shape, which `suti generate` samples text-to-image:
+Latent space (4 channels at 64x64 for 512 px images) with CLIP ViT-L/14 text (768 wide, 77 tokens, unmasked as SD
+runs it) and SD's AutoencoderKL (83,653,863 parameters, frozen); the sampling settings follow SD 1.5's DDIM
+scheduler config. With a local diffusers folder everything comes from it (UNet, VAE, CLIP and tokenizer, scheduler):
 
-  suti convert diffusers --src /models/stable-diffusion-v1-5 --out /ckpt/sd15
+  suti convert diffusers --src /models/stable-diffusion-v1-5 --out /ckpt/sd15       # one checkpoint
   suti generate --checkpoint /ckpt/sd15 --prompt "a photo of a dog on the beach" --out dog.png
+  # experts: DreamBooth LoRA with prior preservation on the converted base -> ICL shards
+  suti data run --config configs/pipeline/sd15_icl.py --input '/data/web/*.tar' --output /data/icl_sd15 \
+      --config.experts.base_checkpoint=/ckpt/sd15 --runner ray
+  # the apprentice: --config.model.pretrained converts the folder once into <workdir>/pretrained and starts there
+  suti train --config configs/sd15.py --workdir /data/runs/sd15_suti --config.model.num_neighbors=3 \
+      --config.model.pretrained=/models/stable-diffusion-v1-5 --config.data.shards='/data/icl_sd15/icl/*.tar'
+  suti export --format diffusers --checkpoint /ckpt/sd15 --out /models/sd15_roundtrip   # back to diffusers
 
   suti info --config configs/sd15.py
   suti info --config configs/sd15.py --config.model.num_neighbors=3   # the apprentice on top of it

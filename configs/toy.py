@@ -20,6 +20,9 @@ def get_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
 
   c.model = mlc.ConfigDict()
+  # A local diffusers Stable Diffusion folder to start from (configs/sd15.py): `suti train` converts it once into
+  # <workdir>/pretrained and takes the model, text, vae and diffusion sections and the weights from it.
+  c.model.pretrained = ""
   c.model.image_size = 16
   c.model.in_channels = 3
   c.model.out_channels = 3

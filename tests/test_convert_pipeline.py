@@ -7,15 +7,18 @@ import string
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from shared_fixtures import CONFIGS, TINY_RUN, LazyImport, write_tiny_checkpoint
+from shared_fixtures import CONFIGS, LazyImport, write_tiny_checkpoint
 from suti import cli
+from suti.checkpoint.convert import with_pretrained
 from suti.checkpoint.store import checkpoint_config, load_params
-from suti.config import apply_override, load_config
+from suti.config import load_config
 from suti.experts.dreambooth import ExpertTrainer
 from suti.core.safe_image import decode_image
 from suti.infer.load_model import load_model
-from suti.train.trainer import train
+from suti.models.load_weights import load_weights
+from suti.models.model import SuTIModel
 
 pytestmark = pytest.mark.costly(seconds=60)  # cold seconds (--durations): costly files start first
 
@@ -170,30 +173,21 @@ def test_init_noise_of_the_wrong_shape_is_one_line(pipeline_dir, tmp_path, capsy
   assert not (tmp_path / "o.png").exists()
 
 
-def test_converted_checkpoint_initialises_training_and_experts(pipeline_dir, tiny_base_run, tmp_path):
-  """train.init_from and the experts' base_checkpoint read a converted checkpoint: a latent UNet with a frozen
-  CLIP and VAE trains on 16 px toy images (its VAE's output size)."""
+def test_converted_checkpoint_is_an_experts_base(pipeline_dir, tmp_path):
+  """The experts' base_checkpoint reads a converted checkpoint: a LoRA expert fine-tunes its UNet on 16 px images
+  (its VAE's output size), the CLIP and VAE frozen."""
   ckpt = str(tmp_path / "ckpt")
   assert cli.main(["convert", "diffusers", "--src", pipeline_dir, "--out", ckpt]) == 0
   weights, meta = load_params(ckpt)
-  cfg = checkpoint_config(meta)
-  for key, value in TINY_RUN + (("train.steps", "1"), ("train.checkpoint_every", "1"), ("train.init_from", ckpt),
-                                ("data.shards", os.path.join(os.path.dirname(tiny_base_run), "web", "*.tar"))):
-    apply_override(cfg, key, value)
-  train(cfg, str(tmp_path / "run"), progress=False)
-  trained = load_model(str(tmp_path / "run"))
-  assert trained.step == 1 and trained.image_size == 2 * LATENT
-  before = load_model(ckpt).model
-  np.testing.assert_array_equal(np.asarray(trained.model.vae.decoder.conv_out.kernel[...]),
-                                np.asarray(before.vae.decoder.conv_out.kernel[...]))  # frozen
-  assert not np.array_equal(np.asarray(trained.model.unet.conv_in.kernel[...]),
-                            np.asarray(before.unet.conv_in.kernel[...]))  # trained
   ex = load_config(os.path.join(CONFIGS, "pipeline", "toy_icl.py")).experts
   ex.prior_weight, ex.steps, ex.batch_size, ex.method = 0.0, 2, 2, "lora"
   ex.lora.down_ranks, ex.lora.mid_rank, ex.lora.up_ranks = (4, 0), 0, (0, 4)
-  expert = ExpertTrainer(cfg, weights, ex).train(
-      [np.random.default_rng(i).integers(0, 255, (16, 16, 3), np.uint8) for i in range(2)], "dog", "sks")
+  trainer = ExpertTrainer(checkpoint_config(meta), weights, ex)
+  assert trainer.image_size == 2 * LATENT
+  expert = trainer.train([np.random.default_rng(i).integers(0, 255, (16, 16, 3), np.uint8) for i in range(2)],
+                         "dog", "sks")
   assert np.all(np.isfinite(expert.losses)) and expert.weights
+  assert all(name.startswith("unet/") for name in expert.weights)
 
 
 def test_export_diffusers_round_trips_the_pipeline(pipeline_dir, tmp_path):
@@ -222,3 +216,40 @@ def test_export_diffusers_needs_a_latent_clip_model(tmp_path, capsys):
   assert cli.main(["export", "--format", "diffusers", "--checkpoint", base, "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "this checkpoint has no VAE (vae.enabled is off)" in err, err
+
+
+def test_model_pretrained_trains_from_a_diffusers_folder(pipeline_dir, tiny_base_run, tmp_path, capsys):
+  """--config.model.pretrained=DIR: the folder is converted once into <workdir>/pretrained and the run is the
+  pipeline's model (whatever shape the config file had), initialised from it; an apprentice on top keeps its
+  neighbor settings and starts as the pipeline's UNet plus fresh neighbor layers."""
+  web = os.path.join(os.path.dirname(tiny_base_run), "web", "*.tar")
+  workdir = tmp_path / "run"
+  args = ["train", "--config", os.path.join(CONFIGS, "toy.py"), "--workdir", str(workdir), "--no-progress",
+          f"--config.model.pretrained={pipeline_dir}", f"--config.data.shards={web}", "--config.train.steps=1",
+          "--config.train.checkpoint_every=1", "--config.train.batch_size=8", "--config.train.sample_every=0",
+          "--config.data.shuffle_buffer=16"]
+  assert cli.main(args) == 0
+  assert os.path.isfile(workdir / "pretrained" / "DONE")
+  stamp = os.path.getmtime(workdir / "pretrained" / "DONE")
+  assert cli.main(args) == 0  # the same command again: the run is done, the folder not converted again
+  assert os.path.getmtime(workdir / "pretrained" / "DONE") == stamp
+  trained = load_model(str(workdir))
+  assert trained.step == 1 and trained.cfg.model.image_size == LATENT and trained.cfg.text.kind == "clip"
+  assert trained.cfg.model.pretrained == pipeline_dir
+  converted = load_model(str(workdir / "pretrained"))  # what train.init_from named
+  np.testing.assert_array_equal(np.asarray(trained.model.vae.encoder.conv_in.kernel[...]),
+                                np.asarray(converted.model.vae.encoder.conv_in.kernel[...]))  # frozen
+  np.testing.assert_array_equal(np.asarray(trained.model.text.model.token_embedding.embedding[...]),
+                                np.asarray(converted.model.text.model.token_embedding.embedding[...]))  # frozen
+  assert not np.array_equal(np.asarray(trained.model.unet.conv_in.kernel[...]),
+                            np.asarray(converted.model.unet.conv_in.kernel[...]))  # trained
+
+  apprentice_cfg = with_pretrained(load_config(os.path.join(CONFIGS, "toy_suti.py"),
+                                               [("model.pretrained", pipeline_dir)]), str(workdir))
+  assert apprentice_cfg.model.num_neighbors == 3 and apprentice_cfg.train.init_from == str(workdir / "pretrained")
+  apprentice = nnx.eval_shape(lambda: SuTIModel(apprentice_cfg, rngs=nnx.Rngs(0)))
+  weights, _ = load_params(apprentice_cfg.train.init_from)
+  assert load_weights(apprentice, weights) > 0  # every base weight has its place; only neighbor layers are new
+  with pytest.raises(ValueError, match="model.pretrained and train.init_from both name starting weights"):
+    with_pretrained(load_config(os.path.join(CONFIGS, "toy.py"), [("model.pretrained", pipeline_dir),
+                                                                  ("train.init_from", "/x")]), str(workdir))

@@ -19,11 +19,15 @@ import os
 import sys
 from typing import Any, Sequence
 
+import jax
+import ml_collections as mlc
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import load_file
 
 from suti.checkpoint.diffusers_pipeline import DiffusersPipeline, read_pipeline, read_scheduler
 from suti.checkpoint.export import clear_checkpoint_folder, save_weights, with_own_tokenizer
+from suti.checkpoint.store import checkpoint_config, load_params
 from suti.config import load_config
 from suti.core.atomic_io import read_json_object
 from suti.core.errors import CommandParser, run_user_command
@@ -55,7 +59,8 @@ def model_section(pipeline: DiffusersPipeline, base: dict) -> dict:
   unet = unet.replace(
       neighbor_token_resolutions=_fitting_resolutions(base.get("neighbor_token_resolutions", ()), unet),
       neighbor_attn_resolutions=_fitting_resolutions(base.get("neighbor_attn_resolutions", ()), unet))
-  return {f.name: _plain(getattr(unet, f.name)) for f in dataclasses.fields(unet)}
+  section = {f.name: _plain(getattr(unet, f.name)) for f in dataclasses.fields(unet)}
+  return dict(section, pretrained=base.get("pretrained", ""))
 
 
 def text_section(pipeline: DiffusersPipeline, base: dict) -> dict:
@@ -94,16 +99,44 @@ def pipeline_weights(pipeline: DiffusersPipeline, config: dict) -> dict:
           "text": {"model": nnx.state(clip, nnx.Param).to_pure_dict()}}
 
 
-def convert_pipeline(src: str, out_dir: str, *, config: str = DEFAULT_CONFIG, overwrite: bool = False) -> str:
-  """Converts the diffusers pipeline folder `src` into a checkpoint in `out_dir`; returns its step folder."""
+def convert_pipeline(src: str, out_dir: str, *, config: str | dict = DEFAULT_CONFIG, overwrite: bool = False) -> str:
+  """Converts the diffusers pipeline folder `src` into a checkpoint in `out_dir`, its config `config`'s (a file,
+  or a config as a dict) with the pipeline's sections; returns the checkpoint's step folder."""
   pipeline = read_pipeline(src)
   out = clear_checkpoint_folder(out_dir, overwrite)
-  cfg = pipeline_config(pipeline, load_config(config).to_dict())
+  cfg = pipeline_config(pipeline, config if isinstance(config, dict) else load_config(config).to_dict())
   weights = pipeline_weights(pipeline, cfg)
   os.makedirs(out, exist_ok=True)
   cfg = with_own_tokenizer(cfg, out)
   meta = {"config": cfg, "converted_from": pipeline.folder, "classes": pipeline.classes, "weights": "diffusers"}
   return save_weights(out, 0, weights, meta)
+
+
+PRETRAINED_DIR = "pretrained"  # <workdir>/pretrained: model.pretrained converted once per run
+
+
+def with_pretrained(cfg: mlc.ConfigDict, workdir: str) -> mlc.ConfigDict:
+  """`cfg` itself when model.pretrained is empty; else the run's config from that local diffusers folder: converted
+  once into <workdir>/pretrained (by process 0; the others wait), the model, text, vae and diffusion sections taken
+  from it (the run's own neighbor settings kept, so an apprentice adds its layers), and train.init_from set to it."""
+  source = cfg.model.get("pretrained", "")
+  if not source:
+    return cfg
+  if cfg.train.get("init_from", ""):
+    raise ValueError("model.pretrained and train.init_from both name starting weights: give one of them")
+  target = os.path.join(workdir, PRETRAINED_DIR)
+  if jax.process_index() == 0 and not os.path.isfile(os.path.join(target, "DONE")):
+    convert_pipeline(source, target, config=cfg.to_dict(), overwrite=True)
+    open(os.path.join(target, "DONE"), "w").close()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("suti:pretrained converted")
+  converted = checkpoint_config(load_params(target)[1], f"model.pretrained {source} as converted in {target}")
+  out = cfg.to_dict()
+  for section in ("model", "text", "vae", "diffusion", "sample"):
+    out[section] = converted[section].to_dict()
+  out["model"]["num_neighbors"] = int(cfg.model.num_neighbors)
+  out["train"] = dict(out["train"], init_from=target)
+  return mlc.ConfigDict(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -361,6 +361,8 @@ def checkpoint_config(meta: dict, where: str = "checkpoint"):
   if isinstance(config.get("diffusion"), dict):  # written before the sampling keys existed: their old meaning
     config["diffusion"] = {**SAMPLING_DEFAULTS, **config["diffusion"]}
   config.setdefault("vae", {"enabled": False})  # written before latent models existed: a pixel model
+  if isinstance(config.get("model"), dict):
+    config["model"].setdefault("pretrained", "")  # written before model.pretrained existed: started from nothing
   return mlc.ConfigDict(config)
 
 

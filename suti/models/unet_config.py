@@ -54,8 +54,10 @@ class UNetConfig:
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "UNetConfig":
-    """Builds from a ConfigDict / mapping holding exactly the UNetConfig fields."""
+    """Builds from a ConfigDict / mapping holding exactly the UNetConfig fields (and `pretrained`, the local
+    diffusers folder a run starts from, which is not the UNet's shape)."""
     given = dict(model_cfg.items()) if hasattr(model_cfg, "items") else dict(model_cfg)
+    given.pop("pretrained", None)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in given:
       if key not in names:
