@@ -12,6 +12,7 @@ from suti import cli
 from suti.checkpoint.store import Checkpointer
 from suti.config import load_config
 from suti.core.paths import resolve_path
+from suti.core.safe_image import decode_image
 from suti.embed.clip import ClipEmbedder
 from suti.models.convert_vae import load_diffusers_vae
 from suti.train import vae_trainer
@@ -79,7 +80,10 @@ def test_train_vae_resumes_exactly_and_ships_a_diffusers_folder(tmp_path, capsys
     np.testing.assert_array_equal(shipped[name], straight[name], err_msg=name)
   # The report's PSNR is that of the shipped VAE on the same held-out renders.
   cfg = load_config(os.path.join(CONFIGS, "toy_vae.py"), [a[len("--config."):] for a in TINY])
-  np.testing.assert_allclose(vae_trainer.evaluate(vae, cfg)["heldout_psnr_db"], report["heldout_psnr_db"], rtol=1e-5)
+  again = vae_trainer.evaluate(vae, cfg, str(tmp_path / "again"))
+  np.testing.assert_allclose(again["heldout_psnr_db"], report["heldout_psnr_db"], rtol=1e-5)
+  sheet = decode_image((tmp_path / "straight" / "reconstructions.png").read_bytes())
+  assert sheet.shape[1] > 16 * 16  # 8 renders | 8 reconstructions, enlarged
   lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3, 4]  # one line per step, none repeated by the restart
 

@@ -9,6 +9,7 @@ divided by the pixels per image so the learning rate does not depend on the imag
 The workdir holds Orbax checkpoints (resumable), metrics.jsonl, and at the end:
   vae/           the diffusers vae/ folder (what `vae.checkpoint` and AutoencoderKL.from_pretrained read), with
                  scaling_factor = 1 / std of the train renders' latents, as Stable Diffusion chose 0.18215
+  reconstructions.png  held-out renders above their reconstructions
   report.json    reconstruction PSNR on held-out subjects' renders, the latent statistics, steps and time, and
                  (eval.clip_checkpoint) the eval's toy identity metric on those renders before and after
                  encode-decode: what the VAE costs the identity a latent model can show at best
@@ -34,6 +35,7 @@ from suti.checkpoint.store import Checkpointer
 from suti.core.atomic_io import atomic_write_json
 from suti.core.image_ops import to_model_range, to_uint8
 from suti.core.paths import resolve_path
+from suti.core.png import save_png
 from suti.embed.clip import ClipEmbedder
 from suti.models.convert_vae import save_diffusers_vae
 from suti.models.vae import AutoencoderKL, VAEConfig, kl_to_standard_normal, posterior_sample
@@ -41,6 +43,7 @@ from suti.toy.truth import distractors, reference_renders
 from suti.toy.world import Subject, render, sample_context, subjects_of_split
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
+from suti.viz.contact_sheet import contact_sheet
 
 # cfg.vae keys that are training settings, not VAEConfig fields.
 _TRAINING_KEYS = ("enabled", "checkpoint", "kl_weight")
@@ -105,9 +108,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-12))
 
 
-def evaluate(vae: AutoencoderKL, cfg: mlc.ConfigDict) -> dict:
+def evaluate(vae: AutoencoderKL, cfg: mlc.ConfigDict, workdir: str) -> dict:
   """Reconstruction PSNR (posterior mean) on held-out subjects' renders, the train renders' latent statistics,
-  and with a CLIP (eval.clip_checkpoint) the toy identity metric of the renders before and after encode-decode."""
+  and with a CLIP (eval.clip_checkpoint) the toy identity metric of the renders before and after encode-decode;
+  writes workdir/reconstructions.png (32 of the renders above their reconstructions)."""
   size, n = int(cfg.data.image_size), int(cfg.eval.images)
   encode = jax.jit(lambda v, x: v.encode(x)[0])
   decode = jax.jit(lambda v, z: jnp.clip(v.decode(z), -1.0, 1.0))
@@ -116,6 +120,10 @@ def evaluate(vae: AutoencoderKL, cfg: mlc.ConfigDict) -> dict:
   recon = np.concatenate([np.asarray(decode(vae, encode(vae, held_out[i:i + 64]))) for i in range(0, n, 64)])
   train_renders = toy_renders(int(cfg.train.seed), 0, n, size, stream=STATS_STREAM)
   latents = np.concatenate([np.asarray(encode(vae, train_renders[i:i + 64])) for i in range(0, n, 64)])
+  os.makedirs(workdir, exist_ok=True)
+  save_png(os.path.join(workdir, "reconstructions.png"), contact_sheet(
+      [[list(originals[i:i + 8]), list(to_uint8(recon[i:i + 8]))] for i in range(0, min(n, 32), 8)],
+      captions=["held-out renders | after encode-decode"] * len(range(0, min(n, 32), 8)), scale=4))
   scores = psnr(recon, held_out)
   report = {"heldout_psnr_db": float(scores.mean()), "heldout_psnr_db_p10": float(np.percentile(scores, 10)),
             "heldout_images": n, "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
@@ -192,7 +200,7 @@ def train_vae(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None
   if int(state.step) < total:
     return {}
   trained = nnx.merge(graphdef, state.params)
-  report = evaluate(trained, cfg)
+  report = evaluate(trained, cfg, workdir)
   # Stable Diffusion's convention: latents scaled to unit variance over the training images.
   shipped = nnx.merge(nnx.split(AutoencoderKL(dataclasses.replace(config, scaling_factor=1.0 / report["latent_std"]),
                                               rngs=nnx.Rngs(0)))[0], state.params)
