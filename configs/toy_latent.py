@@ -21,13 +21,12 @@ def get_config() -> mlc.ConfigDict:
       c.vae[key] = vae[key]
   c.vae.enabled = True
   c.vae.checkpoint = "checkpoints/toy_vae"  # a diffusers vae/ folder; its scaling_factor is the one trained
-  c.vae.scaling_factor = TOY_VAE_SCALING_FACTOR
+  # The shipped toy VAE's latent normalisation (mean and 1 / std of its latents on train renders), as in
+  # checkpoints/toy_vae/config.json: the trainer refuses a vae.checkpoint whose config differs.
+  c.vae.scaling_factor = 0.20259893274714966
+  c.vae.shift_factor = -1.2769031524658203
   c.model.image_size = 16  # latents: 32x32 images / the VAE's factor 2
   c.model.in_channels = 4
   c.model.out_channels = 4
   c.sample.dynamic_threshold = 0.0  # latents: no pixel thresholding
   return c
-
-
-# The shipped toy VAE's latent scaling (1 / std of its latents on train renders: checkpoints/toy_vae/config.json).
-TOY_VAE_SCALING_FACTOR = 0.18215

@@ -114,3 +114,20 @@ def test_shipped_apprentice_takes_the_subject_colour_from_its_demos(shipped_appr
       distances.append((subject.id, float(np.linalg.norm(colour - demo_colour[subject])),
                         float(np.linalg.norm(colour - demo_colour[other]))))
   assert all(own < 0.5 * other for _, own, other in distances), distances
+
+
+def test_shipped_toy_vae_is_the_one_the_latent_configs_name():
+  """checkpoints/toy_vae loads as a diffusers vae/ folder whose config is exactly the vae section of the latent
+  toy configs (the trainer refuses a vae.checkpoint that differs), and reconstructs a toy render."""
+  from suti.models.convert_vae import load_diffusers_vae
+  from suti.models.model import vae_config
+  from suti.toy import world
+  from suti.core.image_ops import to_model_range
+  vae = load_diffusers_vae(os.path.join(REPO, "checkpoints", "toy_vae"))
+  for config in ("toy_latent.py", "toy_latent_suti.py"):
+    cfg = load_config(os.path.join(REPO, "configs", config))
+    assert vae_config(cfg) == vae.config, config
+    assert cfg.vae.checkpoint == "checkpoints/toy_vae"
+  image = to_model_range(world.render(world.subjects_of_split("heldout")[0], world.Context(background="grass"), 32))
+  recon = np.asarray(vae.decode(vae.encode(image[None])[0]))[0]
+  assert 10 * np.log10(4.0 / np.mean((recon - image) ** 2)) > 24  # dB; 30.5 on average over held-out renders

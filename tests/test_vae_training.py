@@ -74,6 +74,7 @@ def test_train_vae_resumes_exactly_and_ships_a_diffusers_folder(tmp_path, capsys
   assert 0 <= report["identity_top1_after_encode_decode"] <= 1 and report["identity_candidates"] == 3
   vae = load_diffusers_vae(str(tmp_path / "straight" / "vae"))
   np.testing.assert_allclose(vae.config.scaling_factor, 1.0 / report["latent_std"], rtol=1e-6)
+  np.testing.assert_allclose(vae.config.shift_factor, report["latent_mean"], rtol=1e-6)
   shipped = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
   assert shipped.keys() == straight.keys()
   for name in straight:

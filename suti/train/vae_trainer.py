@@ -8,7 +8,8 @@ divided by the pixels per image so the learning rate does not depend on the imag
 
 The workdir holds Orbax checkpoints (resumable), metrics.jsonl, and at the end:
   vae/           the diffusers vae/ folder (what `vae.checkpoint` and AutoencoderKL.from_pretrained read), with
-                 scaling_factor = 1 / std of the train renders' latents, as Stable Diffusion chose 0.18215
+                 shift_factor = mean and scaling_factor = 1 / std of the train renders' latents (as SD 1.5 chose
+                 its 0.18215; SD 3 added the shift)
   reconstructions.png  held-out renders above their reconstructions
   report.json    reconstruction PSNR on held-out subjects' renders, the latent statistics, steps and time, and
                  (eval.clip_checkpoint) the eval's toy identity metric on those renders before and after
@@ -201,12 +202,13 @@ def train_vae(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None
     return {}
   trained = nnx.merge(graphdef, state.params)
   report = evaluate(trained, cfg, workdir)
-  # Stable Diffusion's convention: latents scaled to unit variance over the training images.
-  shipped = nnx.merge(nnx.split(AutoencoderKL(dataclasses.replace(config, scaling_factor=1.0 / report["latent_std"]),
-                                              rngs=nnx.Rngs(0)))[0], state.params)
+  # Latents the diffusion model sees, (z - shift_factor) * scaling_factor, get zero mean and unit variance over the
+  # train renders: SD 1.5 chose its scaling_factor so, SD 3 added the shift (the toy's latents have mean -1.3, std 5).
+  normalised = dataclasses.replace(config, scaling_factor=1.0 / report["latent_std"], shift_factor=report["latent_mean"])
+  shipped = nnx.merge(nnx.split(AutoencoderKL(normalised, rngs=nnx.Rngs(0)))[0], state.params)
   save_diffusers_vae(shipped, os.path.join(workdir, "vae"))
   report.update(steps=total, seconds_this_invocation=round(time.perf_counter() - began, 1),
-                scaling_factor=shipped.config.scaling_factor, params=int(sum(np.size(x) for x in
+                scaling_factor=shipped.config.scaling_factor, shift_factor=shipped.config.shift_factor, params=int(sum(np.size(x) for x in
                                                                              jax.tree.leaves(state.params))))
   atomic_write_json(os.path.join(workdir, "report.json"), report)
   return report
