@@ -1,6 +1,7 @@
 """Latent models (vae.enabled): the train step encodes with the frozen VAE, `suti train` runs end to end from a
 diffusers vae/ folder, its checkpoint samples at the VAE's resolution, latent DreamBooth experts train, and the latent
 toy configs (tiny) evaluate end to end."""
+import glob
 import json
 import os
 
@@ -19,7 +20,7 @@ from suti.diffusion.schedules import make_schedule
 from suti.experts.dreambooth import ExpertTrainer
 from suti.infer.load_model import load_model
 from suti.infer.sampler import Sampler
-from suti.models.convert_vae import save_diffusers_vae
+from suti.models.convert_vae import load_diffusers_vae, save_diffusers_vae
 from suti.models.load_weights import load_weights
 from suti.models.model import SuTIModel, null_text, vae_config
 from suti.models.vae import AutoencoderKL
@@ -91,22 +92,26 @@ def vae_folder(tmp_path_factory):
   return folder
 
 
-def _train_args(workdir, web, *extra):
-  overrides = list(TINY_MODEL_OVERRIDES) + list(TINY_RUN) + [("train.steps", "2"), ("train.checkpoint_every", "2"), *LATENT,
-                                ("data.shards", os.path.join(web, "*.tar"))]
-  return (["train", "--config", os.path.join(CONFIGS, "toy.py"), "--workdir", str(workdir), "--no-progress"]
+def _train_args(workdir, web, *extra, config="toy.py", latent=LATENT):
+  overrides = list(TINY_MODEL_OVERRIDES) + list(TINY_RUN) + [
+      ("train.steps", "2"), ("train.checkpoint_every", "2"), *latent, ("data.shards", os.path.join(web, "*.tar"))]
+  return (["train", "--config", os.path.join(CONFIGS, config), "--workdir", str(workdir), "--no-progress"]
           + [f"--config.{k}={v}" for k, v in overrides] + list(extra))
 
 
-def test_suti_train_a_latent_model_then_sample_it(tiny_base_run, vae_folder, tmp_path):
+def test_suti_train_configs_toy_latent_then_sample_it(tiny_base_run, tmp_path):
+  """configs/toy_latent.py with the shipped toy VAE (a tiny UNet on 8x8 latents of the 16 px toy web): trains,
+  writes latent previews (decoded), keeps the VAE exactly as shipped, and samples at the VAE's output size."""
   web = os.path.join(os.path.dirname(tiny_base_run), "web")
-  assert cli.main(_train_args(tmp_path / "run", web, f"--config.vae.checkpoint={vae_folder}")) == 0
+  assert cli.main(_train_args(tmp_path / "run", web, "--config.train.sample_every=2", "--config.train.num_samples=2",
+                              config="toy_latent.py", latent=())) == 0
   loaded = load_model(str(tmp_path / "run"))
   assert loaded.image_size == 16 and loaded.cfg.model.image_size == 8
-  # The trained checkpoint keeps the VAE exactly as the folder gave it.
-  reference = AutoencoderKL(vae_config(loaded.cfg), rngs=nnx.Rngs(5))
+  previews = sorted(glob.glob(str(tmp_path / "run" / "samples" / "*.png")))
+  assert previews, os.listdir(tmp_path / "run")
+  shipped = load_diffusers_vae(os.path.join(os.path.dirname(CONFIGS), "checkpoints", "toy_vae"))
   for (path, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(loaded.model.vae, nnx.Param)),
-                                       nnx.to_flat_state(nnx.state(reference, nnx.Param))):
+                                       nnx.to_flat_state(nnx.state(shipped, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(ours.get_value()), np.asarray(theirs.get_value()), err_msg=str(path))
   sampler = Sampler.for_loaded(loaded, batch_size=2, sample_overrides={"steps": 2})
   images = sampler.sample(["a red ball on the beach"] * 2, seed=0)
@@ -165,3 +170,22 @@ def test_latent_apprentice_and_dreambooth_evaluate_end_to_end(tmp_path):
   for method in ("suti", "text_only", "dreambooth"):
     image = decode_image((out / "images" / method / subject / "00_0.png").read_bytes())
     assert image.shape == (16, 16, 3), method
+
+
+def test_latent_apprentice_encodes_demos_to_latents_first():
+  """A latent apprentice's neighbor tokens of pixel demos are the UNet's tokens of the demos' VAE latents (the
+  posterior mean): demos go through the VAE, then through the UNet's own down path."""
+  cfg = tiny_config("toy_latent_suti.py", overrides=LATENT)
+  model = SuTIModel(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  demos = jnp.asarray(rng.uniform(-1, 1, (2, 3, 16, 16, 3)).astype(np.float32))
+  ids, mask = model.tokenize(["a photo of a ball"] * 6)
+  ids, mask = jnp.asarray(ids).reshape(2, 3, -1), jnp.asarray(mask).reshape(2, 3, -1)
+  present = jnp.asarray([[True, True, False], [True, True, True]])
+  ours = model.encode_neighbors(demos, ids, mask, present)
+  latents = model.vae.encode_latents(demos.reshape(6, 16, 16, 3)).reshape(2, 3, 8, 8, 4)
+  emb, pooled = model.text(ids.reshape(6, -1), mask.reshape(6, -1))
+  reference = model.unet.encode_neighbors(latents, emb.reshape(2, 3, *emb.shape[1:]), mask, present,
+                                          pooled_texts=pooled.reshape(2, 3, -1))
+  np.testing.assert_allclose(np.asarray(ours.tokens), np.asarray(reference.tokens), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(ours.mask), np.asarray(reference.mask))
