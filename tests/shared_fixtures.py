@@ -63,6 +63,14 @@ TINY_MODEL_OVERRIDES = (
 )
 
 
+# A latent model for the tiny UNet: 8x8x4 latents of a 2-level VAE (8 and 16 channels), 16x16 images.
+TINY_LATENT_OVERRIDES = (
+    ("vae.enabled", "True"), ("vae.block_out_channels", "(8, 16)"), ("vae.norm_num_groups", "4"),
+    ("vae.sample_size", "16"), ("model.in_channels", "4"), ("model.out_channels", "4"),
+    ("sample.dynamic_threshold", "0.0"),
+)
+
+
 def tiny_config(name: str = "toy.py", overrides=()):
   """A full training config (configs/<name>) with the model shrunk to two levels at 8x8: trains in seconds."""
   return load_config(os.path.join(CONFIGS, name), list(TINY_MODEL_OVERRIDES) + list(overrides))

@@ -5,13 +5,14 @@ import os
 import shutil
 import string
 
+import ml_collections as mlc
 import numpy as np
 import pytest
 from flax import nnx
 
 from shared_fixtures import CONFIGS, LazyImport, write_tiny_checkpoint
 from suti import cli
-from suti.checkpoint.convert import with_pretrained
+from suti.checkpoint.convert import with_init_text, with_pretrained
 from suti.checkpoint.store import checkpoint_config, load_params
 from suti.config import load_config
 from suti.experts.dreambooth import ExpertTrainer
@@ -243,6 +244,16 @@ def test_model_pretrained_trains_from_a_diffusers_folder(pipeline_dir, tiny_base
                                 np.asarray(converted.model.text.model.token_embedding.embedding[...]))  # frozen
   assert not np.array_equal(np.asarray(trained.model.unet.conv_in.kernel[...]),
                             np.asarray(converted.model.unet.conv_in.kernel[...]))  # trained
+
+  # configs/sd15.py as it ships names no CLIP folder: `--config.train.init_from` a converted checkpoint brings it.
+  plain = checkpoint_config(load_params(str(workdir / "pretrained"))[1]).to_dict()
+  plain["text"] = {k: v for k, v in plain["text"].items() if k not in ("clip_config", "tokenizer")}
+  plain["train"]["init_from"] = str(workdir / "pretrained")
+  with_text = with_init_text(mlc.ConfigDict(plain))
+  assert with_text.text.tokenizer == str(workdir / "pretrained" / "tokenizer") and with_text.text.clip_config
+  assert with_text.text.trainable is False
+  model = nnx.eval_shape(lambda: SuTIModel(with_text, rngs=nnx.Rngs(0)))
+  assert load_weights(model, load_params(with_text.train.init_from)[0], strict=True) > 0
 
   apprentice_cfg = with_pretrained(load_config(os.path.join(CONFIGS, "toy_suti.py"),
                                                [("model.pretrained", pipeline_dir)]), str(workdir))

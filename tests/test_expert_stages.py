@@ -21,6 +21,7 @@ from suti.formats import icl_shards
 from suti.experts.target_filter import REASONS, CandidateScores, TargetFilterConfig, decide
 from suti.core.shards import list_shards
 from suti.viz.contact_sheet import caption_band
+from shared_fixtures import TINY_LATENT_OVERRIDES, write_tiny_checkpoint
 
 pytestmark = pytest.mark.costly(seconds=115)  # cold seconds (--durations): costly files start first
 
@@ -452,3 +453,18 @@ def test_icl_preview_shows_one_row_per_example(main_run):
   examples = min(5, len(read_icl(out)["train"]))
   with Image.open(path) as sheet:
     assert sheet.size[1] == 2 + examples * (16 + caption_band() + 2)  # a prompt under each row
+
+
+def test_a_latent_base_runs_the_experts_and_targets_stages(web, tmp_path):
+  """Experts, their renders and the target filter on a latent base (a tiny UNet on a VAE's latents): LoRA experts
+  fine-tune in latent space, render decoded 16 px targets, and the ICL shards hold them."""
+  base = write_tiny_checkpoint(str(tmp_path / "latent_base"), "toy.py", overrides=TINY_LATENT_OVERRIDES)
+  out = str(tmp_path / "out")
+  stats = run(web, out, make_config(base, [("experts.method", "lora")]))
+  assert_balanced(stats)
+  assert stats["stages"]["experts"]["out"] == 4
+  examples = [e for split in read_icl(out).values() for e in split]
+  assert examples  # some renders pass the filter, so the shards hold decoded latent renders
+  assert sum(stats["stages"]["targets"]["dropped"].values()) + len(examples) == stats["stages"]["targets"]["in"]
+  for example in examples:
+    assert example.target.shape == (16, 16, 3)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from shared_fixtures import CONFIGS, TINY_MODEL_OVERRIDES, TINY_RUN, tiny_config, write_tiny_checkpoint
+from shared_fixtures import (CONFIGS, TINY_LATENT_OVERRIDES, TINY_MODEL_OVERRIDES, TINY_RUN, tiny_config,
+                             write_tiny_checkpoint)
 from suti import cli
 from suti.config import load_config
 from suti.core.safe_image import decode_image
@@ -30,10 +31,7 @@ from suti.train.step import create_train_state, make_train_step
 
 pytestmark = pytest.mark.costly(seconds=60)  # cold seconds (--durations): costly files start first
 
-# The tiny UNet on 8x8x4 latents of a 2-level VAE: 16x16 images, the toy web's size.
-LATENT = (("vae.enabled", "True"), ("vae.block_out_channels", "(8, 16)"), ("vae.norm_num_groups", "4"),
-          ("vae.sample_size", "16"), ("model.in_channels", "4"), ("model.out_channels", "4"),
-          ("sample.dynamic_threshold", "0.0"))
+LATENT = TINY_LATENT_OVERRIDES  # the tiny UNet on 8x8x4 latents of a 2-level VAE: 16x16 images, the toy web's size
 
 
 def _batch(model, n=4, seed=0):

@@ -139,6 +139,21 @@ def with_pretrained(cfg: mlc.ConfigDict, workdir: str) -> mlc.ConfigDict:
   return mlc.ConfigDict(out)
 
 
+def with_init_text(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
+  """`cfg` with the CLIP text encoder of its train.init_from checkpoint when its own `text` section names none
+  (text.kind clip, no text.checkpoint, no clip_config: configs/sd15.py as it ships), so `--config.train.init_from`
+  a converted Stable Diffusion checkpoint is enough; the run's text.trainable is kept. Else `cfg` itself."""
+  text = cfg.text
+  if not cfg.train.get("init_from", "") or text.kind != "clip" or text.get("checkpoint", "") or text.get("clip_config"):
+    return cfg
+  init = checkpoint_config(load_params(cfg.train.init_from)[1], f"train.init_from {cfg.train.init_from}")
+  if init.text.kind != "clip" or not init.text.get("clip_config"):
+    return cfg  # the text encoder's own error then says what is missing
+  out = cfg.to_dict()
+  out["text"] = dict(init.text.to_dict(), trainable=bool(text.trainable))
+  return mlc.ConfigDict(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = CommandParser(prog="suti convert", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="source", required=True)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from suti.checkpoint.convert import with_pretrained
+from suti.checkpoint.convert import with_init_text, with_pretrained
 from suti.config import load_config, split_overrides
 from suti.core.errors import CommandParser, run_user_command
 from suti.train.distributed import DistributedArgs, initialize
@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   initialize(DistributedArgs.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
   cfg = with_pretrained(cfg, args.workdir)  # model.pretrained: a local diffusers folder, converted once
+  cfg = with_init_text(cfg)  # train.init_from a converted checkpoint: its CLIP and tokenizer
   result = train(cfg, args.workdir, max_steps=args.max_steps, progress=False if args.no_progress else None)
   return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
 
