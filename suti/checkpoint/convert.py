@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 
 from suti.checkpoint.diffusers_pipeline import DiffusersPipeline, read_pipeline, read_scheduler
 from suti.checkpoint.export import clear_checkpoint_folder, save_weights, with_own_tokenizer
-from suti.checkpoint.store import checkpoint_config, load_params
+from suti.checkpoint.store import checkpoint_config, load_meta
 from suti.config import load_config
 from suti.core.atomic_io import read_json_object
 from suti.core.errors import CommandParser, run_user_command
@@ -36,6 +36,7 @@ from suti.models.convert_diffusers import convert_diffusers_unet, unet_config_fr
 from suti.models.convert_hf_text import load_clip_text, read_hf_config
 from suti.models.convert_vae import convert_diffusers_vae, vae_config_from_diffusers
 from suti.models.diffusers_layout import safetensors_file
+from suti.models.model import vae_config
 from suti.models.unet_config import UNetConfig
 
 DEFAULT_CONFIG = "configs/sd15.py"
@@ -89,11 +90,12 @@ def pipeline_config(pipeline: DiffusersPipeline, base: dict) -> dict:
 
 
 def pipeline_weights(pipeline: DiffusersPipeline, config: dict) -> dict:
-  """The pipeline's UNet, VAE and CLIP weights at the paths of SuTIModel (nnx pure dicts, float32)."""
+  """The pipeline's UNet, VAE and CLIP weights at the paths of SuTIModel (nnx pure dicts, float32), shaped by
+  `config` (pipeline_config's)."""
   unet = convert_diffusers_unet(load_file(safetensors_file(pipeline.component("unet"))),
                                 UNetConfig.from_config(config["model"]))
   vae = convert_diffusers_vae(load_file(safetensors_file(pipeline.component("vae"))),
-                              vae_config_from_diffusers(pipeline.component("vae")))
+                              vae_config(mlc.ConfigDict(config)))
   clip = load_clip_text(pipeline.component("text_encoder"))
   return {"unet": unet.to_pure_dict(), "vae": vae.to_pure_dict(),
           "text": {"model": nnx.state(clip, nnx.Param).to_pure_dict()}}
@@ -130,7 +132,7 @@ def with_pretrained(cfg: mlc.ConfigDict, workdir: str) -> mlc.ConfigDict:
     open(os.path.join(target, "DONE"), "w").close()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("suti:pretrained converted")
-  converted = checkpoint_config(load_params(target)[1], f"model.pretrained {source} as converted in {target}")
+  converted = checkpoint_config(load_meta(target), f"model.pretrained {source} as converted in {target}")
   out = cfg.to_dict()
   for section in ("model", "text", "vae", "diffusion", "sample"):
     out[section] = converted[section].to_dict()
@@ -146,7 +148,7 @@ def with_init_text(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
   text = cfg.text
   if not cfg.train.get("init_from", "") or text.kind != "clip" or text.get("checkpoint", "") or text.get("clip_config"):
     return cfg
-  init = checkpoint_config(load_params(cfg.train.init_from)[1], f"train.init_from {cfg.train.init_from}")
+  init = checkpoint_config(load_meta(cfg.train.init_from), f"train.init_from {cfg.train.init_from}")
   if init.text.kind != "clip" or not init.text.get("clip_config"):
     return cfg  # the text encoder's own error then says what is missing
   out = cfg.to_dict()

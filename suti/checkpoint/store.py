@@ -324,6 +324,17 @@ def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, 
   `checkpoint_dir` is a training workdir, its checkpoints/ folder, or one step directory; in a folder of steps
   the newest readable one is used (corrupt ones are skipped with a warning, never moved).
   """
+  return _read_newest(checkpoint_dir, lambda step_dir: _load_step_weights(step_dir, prefer_ema))
+
+
+def load_meta(checkpoint_dir: str) -> dict:
+  """The `meta` dict (config, step, ...) of the checkpoint `load_params` would read, without reading its weights."""
+  return _read_newest(checkpoint_dir, lambda step_dir: _load_step_weights(step_dir, False, weights=False)[1])
+
+
+def _read_newest(checkpoint_dir: str, read):
+  """`read(step_dir)` of a workdir, its checkpoints/ folder or one step directory; in a folder of steps the newest
+  readable one (corrupt ones are skipped with a warning, never moved)."""
   root = epath.Path(os.path.abspath(os.fspath(checkpoint_dir)))
   if not root.is_dir():
     raise ValueError(f"no checkpoint at {root}: not a directory")
@@ -331,13 +342,13 @@ def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, 
     root = root / "checkpoints"
   if _is_step_dir(root):
     try:
-      return _load_step_weights(root, prefer_ema)
+      return read(root)
     except CorruptCheckpoint as err:
       raise ValueError(f"checkpoint {root} is unreadable ({err})") from None
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
   for step in steps:
     try:
-      return _load_step_weights(root / str(step), prefer_ema)
+      return read(root / str(step))
     except CorruptCheckpoint as err:
       warnings.warn(f"checkpoint step {step} in {root} is unreadable ({err}); trying the previous step",
                     stacklevel=2)
@@ -370,14 +381,16 @@ def _is_step_dir(path: epath.Path) -> bool:
   return any((path / name).is_dir() for name in WEIGHT_ITEMS + (META_ITEM,))
 
 
-def _load_step_weights(step_dir: epath.Path, prefer_ema: bool) -> tuple[dict, dict]:
+def _load_step_weights(step_dir: epath.Path, prefer_ema: bool, *, weights: bool = True) -> tuple[dict, dict]:
+  """(weights, meta) of one step; weights=False reads the meta only (the weights come back empty)."""
   source = "ema" if prefer_ema and (step_dir / "ema").is_dir() else "params"
   if not (step_dir / source).is_dir():
     raise ValueError(f"{step_dir} holds no model weights (no params/ or ema/ item)")
   json_handler = ocp.JsonCheckpointHandler()
+  read = weights
   try:
-    weights = _read_item_numpy(step_dir / source)
-    if (step_dir / "frozen").is_dir():
+    weights = _read_item_numpy(step_dir / source) if read else {}
+    if read and (step_dir / "frozen").is_dir():
       _merge_disjoint(weights, _read_item_numpy(step_dir / "frozen"))
     meta = json_handler.restore(step_dir / META_ITEM) if (step_dir / META_ITEM).is_dir() else {}
   except Exception as err:  # noqa: BLE001 -- any read failure means this step is unusable

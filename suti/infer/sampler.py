@@ -41,8 +41,7 @@ class Sampler:
     self.graphdef, self.state = nnx.split(model)
     self._tokenize: Callable = model.tokenize
     self.image_size = model.image_size  # pixels; the UNet denoises latents of noise_shape for a latent model
-    m = cfg.model
-    self.noise_shape = (int(m.image_size), int(m.image_size), int(m.out_channels))
+    self.noise_shape = model.noise_shape
     self._fn = make_sample_fn(self.graphdef, make_schedule(cfg.diffusion), self.sample_cfg,
                               cfg.diffusion.prediction, self.noise_shape)
 

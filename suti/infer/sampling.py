@@ -96,8 +96,6 @@ def generate(model: SuTIModel, schedule: Schedule, prompts: list[str], rng: jax.
   For repeated generation, build the compiled function once with make_sample_fn.
   """
   ids, mask = (jnp.asarray(a) for a in model.tokenize(prompts))
-  c = model.unet_config
   graphdef, state = nnx.split(model)
-  fn = make_sample_fn(graphdef, schedule, sample_cfg, prediction, (c.image_size, c.image_size, c.out_channels),
-                      cache_neighbors)
+  fn = make_sample_fn(graphdef, schedule, sample_cfg, prediction, model.noise_shape, cache_neighbors)
   return np.asarray(fn(state, ids, mask, demos, rng))

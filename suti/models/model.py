@@ -22,8 +22,8 @@ from suti.models.unet import UNet
 from suti.models.unet_config import UNetConfig
 from suti.models.vae import AutoencoderKL, VAEConfig
 
-# cfg.vae keys that are not VAEConfig fields.
-_VAE_SWITCHES = ("enabled", "checkpoint")
+# cfg.vae keys that are settings, not the VAE's shape (VAEConfig fields): on/off, its weights, its training loss.
+VAE_SETTINGS = ("enabled", "checkpoint", "kl_weight")
 
 
 def vae_config(cfg: mlc.ConfigDict) -> VAEConfig | None:
@@ -31,7 +31,7 @@ def vae_config(cfg: mlc.ConfigDict) -> VAEConfig | None:
   section = cfg.get("vae")
   if section is None or not section.get("enabled", False):
     return None
-  return VAEConfig.from_mapping({k: v for k, v in section.items() if k not in _VAE_SWITCHES})
+  return VAEConfig.from_mapping({k: v for k, v in section.items() if k not in VAE_SETTINGS})
 
 
 def output_size(cfg: mlc.ConfigDict) -> int:
@@ -67,6 +67,12 @@ class SuTIModel(nnx.Module):
     """The side of the images the model makes (pixels; the latent side times the VAE's factor)."""
     factor = self.vae.config.downsample_factor if self.vae is not None else 1
     return self.unet_config.image_size * factor
+
+  @property
+  def noise_shape(self) -> tuple[int, int, int]:
+    """What the UNet denoises, per image: [side, side, channels] (latents for a latent model)."""
+    c = self.unet_config
+    return (c.image_size, c.image_size, c.out_channels)
 
   def decode(self, x0: jax.Array) -> jax.Array:
     """What a sampler returns -> images in model range [-1, 1] (clipped): latents go through the VAE decoder."""

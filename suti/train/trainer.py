@@ -335,11 +335,10 @@ class PreviewSampler:
     if trainer.kind == "icl":
       self.demos = {"images": self.batch["neighbor_images"], "ids": self.batch["neighbor_ids"],
                     "text_mask": self.batch["neighbor_text_mask"], "neighbor_mask": self.batch["neighbor_mask"]}
-    c = trainer.model.unet_config
     model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.frozen)
     self.graphdef, _ = nnx.split(model)
     self.fn = make_sample_fn(self.graphdef, trainer.schedule, cfg.sample, cfg.diffusion.prediction,
-                             (c.image_size, c.image_size, c.out_channels))
+                             trainer.model.noise_shape)
 
   def write(self, step: int) -> str:
 

@@ -39,16 +39,13 @@ from suti.core.paths import resolve_path
 from suti.core.png import save_png
 from suti.embed.clip import ClipEmbedder
 from suti.models.convert_vae import save_diffusers_vae
+from suti.models.model import vae_config
 from suti.models.vae import AutoencoderKL, VAEConfig, kl_to_standard_normal, posterior_sample
 from suti.toy.truth import distractors, reference_renders
 from suti.toy.world import Subject, render, sample_context, subjects_of_split
 from suti.train.metrics_writer import MetricsWriter
 from suti.train.optim import make_optimizer
 from suti.viz.contact_sheet import contact_sheet
-
-# cfg.vae keys that are training settings, not VAEConfig fields.
-_TRAINING_KEYS = ("enabled", "checkpoint", "kl_weight")
-
 
 @flax.struct.dataclass
 class VAETrainState:
@@ -58,7 +55,10 @@ class VAETrainState:
 
 
 def vae_architecture(cfg: mlc.ConfigDict) -> VAEConfig:
-  return VAEConfig.from_mapping({k: v for k, v in cfg.vae.items() if k not in _TRAINING_KEYS})
+  config = vae_config(cfg)
+  if config is None:
+    raise ValueError("train.kind='vae' trains the config's vae section: set vae.enabled=True")
+  return config
 
 
 # Random streams of toy_renders: the training batches, the held-out PSNR images, the latent-statistics images.
