@@ -27,6 +27,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402  (after the environment above, which must precede jax)
 
+from suti.core.gc_tuning import tune_for_tracing  # noqa: E402
+
+tune_for_tracing()  # as every `suti` command does: tracing is a large share of the suite's time
+
 
 def pytest_collection_modifyitems(items):
   """The files that cost the most run first (`pytestmark = pytest.mark.costly(seconds=...)`, measured with

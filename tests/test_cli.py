@@ -38,3 +38,20 @@ def test_info_bad_key_is_one_line_error():
   assert proc.returncode == 2
   assert proc.stderr.startswith("suti info: error: unknown config key 'model.nope'")
   assert proc.stderr.count("\n") == 1
+
+
+def test_every_command_runs_with_the_tracing_gc_thresholds():
+  """run_user_command raises the collector's thresholds before the command's main runs (suti/core/gc_tuning.py)."""
+  import gc
+
+  from suti.core.errors import run_user_command
+  from suti.core.gc_tuning import THRESHOLDS
+
+  seen = []
+  before = gc.get_threshold()
+  gc.set_threshold(700, 10, 10)
+  try:
+    assert run_user_command(lambda argv: seen.append(gc.get_threshold()), [], "suti test") == 0
+  finally:
+    gc.set_threshold(*before)
+  assert seen == [THRESHOLDS]

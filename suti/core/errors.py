@@ -6,11 +6,14 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from suti.core.gc_tuning import tune_for_tracing
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def run_user_command(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], prog: str) -> int:
   """Runs a command's main; user errors become one line on stderr and exit status 2."""
+  tune_for_tracing()
   try:
     return int(fn(argv) or 0)
   except KeyboardInterrupt:
