@@ -32,9 +32,7 @@ def _train(workdir, *extra):
 
 def _params(workdir):
   cfg = load_config(os.path.join(CONFIGS, "toy_vae.py"), [a[len("--config."):] for a in TINY])
-  _, params = nnx.split(vae_trainer.AutoencoderKL(vae_trainer.vae_architecture(cfg), rngs=nnx.Rngs(0)), nnx.Param)
-  tx, _ = vae_trainer.make_optimizer(cfg.train)
-  abstract = vae_trainer.VAETrainState(np.zeros((), np.int32), params, tx.init(params))
+  abstract = vae_trainer.initial_state(cfg)[3]
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
     step, state, _ = checkpointer.restore(abstract)

@@ -329,7 +329,7 @@ def load_params(checkpoint_dir: str, *, prefer_ema: bool = True) -> tuple[dict, 
 
 def load_meta(checkpoint_dir: str) -> dict:
   """The `meta` dict (config, step, ...) of the checkpoint `load_params` would read, without reading its weights."""
-  return _read_newest(checkpoint_dir, lambda step_dir: _load_step_weights(step_dir, False, weights=False)[1])
+  return _read_newest(checkpoint_dir, lambda step_dir: _load_step_weights(step_dir, False, with_weights=False)[1])
 
 
 def _read_newest(checkpoint_dir: str, read):
@@ -381,16 +381,15 @@ def _is_step_dir(path: epath.Path) -> bool:
   return any((path / name).is_dir() for name in WEIGHT_ITEMS + (META_ITEM,))
 
 
-def _load_step_weights(step_dir: epath.Path, prefer_ema: bool, *, weights: bool = True) -> tuple[dict, dict]:
-  """(weights, meta) of one step; weights=False reads the meta only (the weights come back empty)."""
+def _load_step_weights(step_dir: epath.Path, prefer_ema: bool, *, with_weights: bool = True) -> tuple[dict, dict]:
+  """(weights, meta) of one step; with_weights=False reads the meta only (the weights come back empty)."""
   source = "ema" if prefer_ema and (step_dir / "ema").is_dir() else "params"
   if not (step_dir / source).is_dir():
     raise ValueError(f"{step_dir} holds no model weights (no params/ or ema/ item)")
   json_handler = ocp.JsonCheckpointHandler()
-  read = weights
   try:
-    weights = _read_item_numpy(step_dir / source) if read else {}
-    if read and (step_dir / "frozen").is_dir():
+    weights = _read_item_numpy(step_dir / source) if with_weights else {}
+    if with_weights and (step_dir / "frozen").is_dir():
       _merge_disjoint(weights, _read_item_numpy(step_dir / "frozen"))
     meta = json_handler.restore(step_dir / META_ITEM) if (step_dir / META_ITEM).is_dir() else {}
   except Exception as err:  # noqa: BLE001 -- any read failure means this step is unusable

@@ -1,9 +1,10 @@
 """`suti train --config FILE --workdir DIR [--config.key=value ...]`: base or apprentice training.
 
 The config says which (model.num_neighbors = 0: text-to-image pretraining on image-text pair shards; > 0: SuTI
-apprentice training on ICL shards; train.kind = "vae": the toy VAE of a latent model, configs/toy_vae.py). Running the same command on the same workdir resumes the run. Multi-host:
-the same command on every host with `--distributed` (TPU pods, SLURM, MPI: JAX finds its peers) or with
-`--coordinator HOST:PORT --num-processes N --process-id I`. See launch/README.md.
+apprentice training on ICL shards; train.kind = "vae": the toy VAE of a latent model, configs/toy_vae.py).
+Running the same command on the same workdir resumes the run. Multi-host: the same command on every host with
+`--distributed` (TPU pods, SLURM, MPI: JAX finds its peers) or with `--coordinator HOST:PORT --num-processes N
+--process-id I`. See launch/README.md.
 """
 from __future__ import annotations
 

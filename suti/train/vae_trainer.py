@@ -61,6 +61,16 @@ def vae_architecture(cfg: mlc.ConfigDict) -> VAEConfig:
   return config
 
 
+def initial_state(cfg: mlc.ConfigDict) -> tuple[nnx.GraphDef, optax.GradientTransformation, optax.Schedule,
+                                                 VAETrainState]:
+  """(graphdef, optimizer, lr schedule, step-0 state) of the config's VAE: what a run starts from, and the
+  template its checkpoints restore into."""
+  vae = AutoencoderKL(vae_architecture(cfg), rngs=nnx.Rngs(int(cfg.train.seed)))
+  graphdef, params = nnx.split(vae, nnx.Param)
+  tx, lr = make_optimizer(cfg.train)
+  return graphdef, tx, lr, VAETrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
 # Random streams of toy_renders: the training batches, the held-out PSNR images, the latent-statistics images.
 TRAIN_STREAM, HELDOUT_STREAM, STATS_STREAM = 0, 1, 2
 
@@ -122,9 +132,10 @@ def evaluate(vae: AutoencoderKL, cfg: mlc.ConfigDict, workdir: str) -> dict:
   train_renders = toy_renders(int(cfg.train.seed), 0, n, size, stream=STATS_STREAM)
   latents = np.concatenate([np.asarray(encode(vae, train_renders[i:i + 64])) for i in range(0, n, 64)])
   os.makedirs(workdir, exist_ok=True)
+  rows = range(0, min(n, 32), 8)
   save_png(os.path.join(workdir, "reconstructions.png"), contact_sheet(
-      [[list(originals[i:i + 8]), list(to_uint8(recon[i:i + 8]))] for i in range(0, min(n, 32), 8)],
-      captions=["held-out renders | after encode-decode"] * len(range(0, min(n, 32), 8)), scale=4))
+      [[list(originals[i:i + 8]), list(to_uint8(recon[i:i + 8]))] for i in rows],
+      captions=["held-out renders | after encode-decode"] * len(rows), scale=4))
   scores = psnr(recon, held_out)
   report = {"heldout_psnr_db": float(scores.mean()), "heldout_psnr_db_p10": float(np.percentile(scores, 10)),
             "heldout_images": n, "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
@@ -170,10 +181,7 @@ def train_vae(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None
   if size % config.downsample_factor:
     raise ValueError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor "
                      f"{config.downsample_factor}")
-  vae = AutoencoderKL(config, rngs=nnx.Rngs(int(cfg.train.seed)))
-  graphdef, params = nnx.split(vae, nnx.Param)
-  tx, lr = make_optimizer(cfg.train)
-  state = VAETrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  graphdef, tx, lr, state = initial_state(cfg)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.keep_checkpoints),
                               async_save=False)
   restored = checkpointer.restore(state)
@@ -205,10 +213,11 @@ def train_vae(cfg: mlc.ConfigDict, workdir: str, *, max_steps: int | None = None
   # Latents the diffusion model sees, (z - shift_factor) * scaling_factor, get zero mean and unit variance over the
   # train renders: SD 1.5 chose its scaling_factor so, SD 3 added the shift (the toy's latents have mean -1.3, std 5).
   normalised = dataclasses.replace(config, scaling_factor=1.0 / report["latent_std"], shift_factor=report["latent_mean"])
-  shipped = nnx.merge(nnx.split(AutoencoderKL(normalised, rngs=nnx.Rngs(0)))[0], state.params)
+  shipped_graph = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(normalised, rngs=nnx.Rngs(0))))[0]
+  shipped = nnx.merge(shipped_graph, state.params)
   save_diffusers_vae(shipped, os.path.join(workdir, "vae"))
   report.update(steps=total, seconds_this_invocation=round(time.perf_counter() - began, 1),
-                scaling_factor=shipped.config.scaling_factor, shift_factor=shipped.config.shift_factor, params=int(sum(np.size(x) for x in
-                                                                             jax.tree.leaves(state.params))))
+                scaling_factor=shipped.config.scaling_factor, shift_factor=shipped.config.shift_factor,
+                params=int(sum(np.size(x) for x in jax.tree.leaves(state.params))))
   atomic_write_json(os.path.join(workdir, "report.json"), report)
   return report
